@@ -1,0 +1,79 @@
+//! The BPF maps both programs share. Names and record types come from
+//! `weft_common::maps`, where each map is documented; the agent opens them by name.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use weft_common::maps::{
+    Counter, DatapathConfig, MAX_FLOOD_PEERS, MAX_MACS, MAX_PEERS, MacEntry, MacKey, PeerEntry,
+    PeerStats,
+};
+
+/// Datapath settings (one entry). See [`DatapathConfig`].
+#[map(name = "WEFT_CONFIG")]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// Remote peers by ShortID.
+#[map(name = "WEFT_PEERS")]
+pub static PEERS: HashMap<u32, PeerEntry> = HashMap::with_max_entries(MAX_PEERS, 0);
+
+/// ShortIDs a flooded frame is copied to (first `flood_count` entries).
+#[map(name = "WEFT_FLOOD")]
+pub static FLOOD: Array<u32> = Array::with_max_entries(MAX_FLOOD_PEERS, 0);
+
+/// Inner MAC -> peer, learned from decapsulated frames.
+#[map(name = "WEFT_MACS")]
+pub static MACS: LruHashMap<MacKey, MacEntry> = LruHashMap::with_max_entries(MAX_MACS, 0);
+
+/// Per-CPU traffic counters per peer, indexed by ShortID.
+#[map(name = "WEFT_PEER_STATS")]
+pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+
+/// Per-CPU pass/drop counters, indexed by [`Counter`].
+#[map(name = "WEFT_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Adds one to counter `c` on this CPU.
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: a per-CPU array slot is only touched by this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Reads the datapath configuration, or `None` until the agent has enabled it.
+#[inline(always)]
+pub fn config() -> Option<DatapathConfig> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.enabled == 0 {
+        return None;
+    }
+    Some(*cfg)
+}
+
+/// Looks up a peer by ShortID.
+#[inline(always)]
+pub fn peer(short_id: u32) -> Option<PeerEntry> {
+    // SAFETY: the entry is copied out at once; a concurrent update can at worst give a
+    // mix of old and new address bytes for one packet, which the agent never does
+    // (it only inserts whole entries or removes them).
+    unsafe { PEERS.get(&short_id) }.copied()
+}
+
+/// Adds one frame of `bytes` to a peer's transmit (`tx = true`) or receive counters.
+#[inline(always)]
+pub fn count_peer(short_id: u32, bytes: u32, tx: bool) {
+    if let Some(p) = PEER_STATS.get_ptr_mut(short_id) {
+        // SAFETY: per-CPU slot, as in `count`.
+        let s = unsafe { &mut *p };
+        if tx {
+            s.tx_packets += 1;
+            s.tx_bytes += bytes as u64;
+        } else {
+            s.rx_packets += 1;
+            s.rx_bytes += bytes as u64;
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Packet access and the kernel calls the programs share, each written for the
+//! verifier: every read is bounds-checked against `data_end`, every loop is bounded.
+
+use core::mem::{MaybeUninit, size_of};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        __sk_buff, BPF_ADJ_ROOM_ENCAP_L2_MASK, BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_SUCCESS, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_fib_lookup as FibLookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
+    programs::TcContext,
+};
+use weft_common::{
+    maps::{Counter, DatapathConfig, MacEntry, MacKey, PeerEntry},
+    wire::{ENCAP_OVERHEAD, ETH_LEN, EncapHeaders, IPPROTO_UDP},
+};
+
+use crate::maps::{MACS, peer};
+
+/// `AF_INET`, for FIB lookups.
+const AF_INET: u8 = 2;
+/// A learned MAC is refreshed in the map at most this often (keeps the receive
+/// path from writing a shared hash entry on every packet).
+const MAC_REFRESH_NS: u64 = 1_000_000_000;
+
+/// The raw `__sk_buff` behind a TC context.
+#[inline(always)]
+pub fn skb(ctx: &TcContext) -> *mut __sk_buff {
+    ctx.as_ptr().cast()
+}
+
+/// Reads a `T` at `offset` from the linear part of the packet, if it is there.
+#[inline(always)]
+pub fn read_at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the range [start + offset, start + offset + size_of::<T>()) was just
+    // checked against data_end; `T` is plain bytes (`Copy`, read unaligned).
+    Some(unsafe { ((start + offset) as *const T).read_unaligned() })
+}
+
+/// Whether the skb carries IPv4 or IPv6 (`skb->protocol`), which is what
+/// `bpf_skb_adjust_room` and `bpf_redirect_neigh` accept.
+#[inline(always)]
+pub fn is_ip(ctx: &TcContext) -> bool {
+    // SAFETY: reading a context field.
+    let proto = u16::from_be(unsafe { (*skb(ctx)).protocol } as u16);
+    proto == 0x0800 || proto == 0x86dd
+}
+
+/// Makes room for the outer headers in front of the inner Ethernet header.
+///
+/// IP frames grow with `bpf_skb_adjust_room` and the UDP-tunnel flags, so a GSO
+/// packet stays one packet and is segmented as VXLAN later. Other frames (ARP) are
+/// never GSO and grow at the head instead. Either way the packet then starts with 50
+/// bytes of room followed by (a copy of) the inner Ethernet header.
+#[inline(always)]
+pub fn grow(ctx: &TcContext, ip: bool) -> Result<(), Counter> {
+    let res = if ip {
+        let flags = (BPF_F_ADJ_ROOM_FIXED_GSO
+            | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
+            | ((ETH_LEN as u64 & BPF_ADJ_ROOM_ENCAP_L2_MASK as u64)
+                << BPF_ADJ_ROOM_ENCAP_L2_SHIFT as u64);
+        ctx.adjust_room(ENCAP_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
+    } else {
+        ctx.skb.change_head(ENCAP_OVERHEAD as u32, 0)
+    };
+    res.map_err(|_| Counter::DropResizeFailed)
+}
+
+/// Removes `len` bytes after the outer Ethernet header (the decapsulation).
+#[inline(always)]
+pub fn shrink(ctx: &TcContext, len: i32) -> Result<(), Counter> {
+    ctx.adjust_room(-len, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
+        .map_err(|_| Counter::DropResizeFailed)
+}
+
+/// Writes the outer headers and the inner Ethernet header at the packet's start.
+#[inline(always)]
+pub fn store_headers(ctx: &TcContext, headers: &EncapHeaders) -> Result<(), Counter> {
+    ctx.store(0, headers, 0)
+        .map_err(|_| Counter::DropResizeFailed)
+}
+
+/// Where the FIB says a packet to a peer leaves, with resolved Ethernet addresses.
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Our MAC on it.
+    pub smac: [u8; 6],
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+}
+
+/// Looks up the route and neighbour towards `addr`; `None` unless both are resolved.
+#[inline(always)]
+pub fn fib_next_hop(ctx: &TcContext, cfg: &DatapathConfig, addr: [u8; 4]) -> Option<NextHop> {
+    // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is a valid value.
+    let mut p: FibLookup = unsafe { MaybeUninit::zeroed().assume_init() };
+    p.family = AF_INET;
+    p.l4_protocol = IPPROTO_UDP;
+    p.ifindex = cfg.underlay_ifindex;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.local_addr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(addr);
+    // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size passed.
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibLookup>() as i32, 0) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    // SAFETY: on success the kernel filled the MAC-address arm of the union.
+    let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
+    Some(NextHop {
+        ifindex: p.ifindex,
+        smac: macs.smac,
+        dmac: macs.dmac,
+    })
+}
+
+/// Finds the peer behind a unicast MAC, unless it is unknown, aged out or its peer gone.
+#[inline(always)]
+pub fn lookup_mac(mac: &[u8; 6], cfg: &DatapathConfig) -> Option<(u32, PeerEntry)> {
+    let key = MacKey::new(*mac);
+    // SAFETY: the entry is copied out at once (see `maps::peer`).
+    let entry = unsafe { MACS.get(&key) }.copied()?;
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(entry.seen_ns) > cfg.mac_age_secs as u64 * 1_000_000_000 {
+        return None;
+    }
+    let peer = peer(entry.short_id)?;
+    Some((entry.short_id, peer))
+}
+
+/// Records that `mac` lives behind peer `short_id`.
+#[inline(always)]
+pub fn learn_mac(mac: &[u8; 6], short_id: u32) {
+    if mac[0] & 1 != 0 {
+        return; // a group address is never a source
+    }
+    let key = MacKey::new(*mac);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the entry is copied out at once (see `maps::peer`).
+    if let Some(old) = unsafe { MACS.get(&key) }.copied()
+        && old.short_id == short_id
+        && now.saturating_sub(old.seen_ns) < MAC_REFRESH_NS
+    {
+        return;
+    }
+    let _ = MACS.insert(
+        &key,
+        &MacEntry {
+            short_id,
+            pad: 0,
+            seen_ns: now,
+        },
+        0,
+    );
+}
