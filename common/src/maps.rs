@@ -64,6 +64,10 @@ pub struct DatapathConfig {
     pub flood_count: u16,
     /// Seconds after which a learned MAC no longer steers unicast (then it floods).
     pub mac_age_secs: u32,
+    /// MAC address of the underlay interface (outer source of flooded copies).
+    pub underlay_mac: [u8; 6],
+    /// Padding, zero.
+    pub pad: [u8; 2],
 }
 
 /// One remote peer (map [`PEERS_MAP`], key = ShortID as `u32`).
@@ -75,6 +79,14 @@ pub struct PeerEntry {
     pub addr: [u8; 4],
     /// Reserved for per-peer flags (encryption, overlay in use); zero for now.
     pub flags: u32,
+    /// Ethernet address of the next hop towards the peer (the peer itself on a
+    /// shared segment, else the gateway), kept current by the agent from the
+    /// kernel's neighbour table. All zero while unresolved: flooded copies to the
+    /// peer are then counted in [`Counter::FloodNoNeighbour`] instead of sent.
+    /// Unicast IP frames do not need it (the kernel resolves their next hop).
+    pub next_hop_mac: [u8; 6],
+    /// Padding, zero.
+    pub pad: [u8; 2],
 }
 
 /// Key of the learned MAC table: an Ethernet address padded to 8 bytes.
@@ -150,6 +162,8 @@ pub enum Counter {
     DropTruncated,
     /// Dropped: IPv4 with options addressed to the VXLAN port.
     DropIpOptions,
+    /// Dropped: the outer IPv4 header checksum is wrong.
+    DropBadChecksum,
     /// Dropped: an IPv4 fragment addressed to the VXLAN port.
     DropFragment,
     /// Dropped: VXLAN header without the I flag.
@@ -166,7 +180,8 @@ pub enum Counter {
     DropResizeFailed,
     /// Dropped: no peers to flood to.
     DropNoPeers,
-    /// A flood copy was not sent: the FIB had no resolved neighbour for that peer.
+    /// A flood copy (or a non-IP unicast frame) was not sent: the next hop towards
+    /// that peer has no resolved Ethernet address yet.
     FloodNoNeighbour,
     /// A flood copy was not sent: more peers than [`MAX_FLOOD_PEERS`].
     FloodTruncated,
@@ -186,6 +201,7 @@ impl Counter {
         Counter::TxFlood,
         Counter::DropTruncated,
         Counter::DropIpOptions,
+        Counter::DropBadChecksum,
         Counter::DropFragment,
         Counter::DropBadVxlan,
         Counter::DropWrongDestination,
@@ -208,6 +224,7 @@ impl Counter {
             Counter::TxFlood => "tx_flood",
             Counter::DropTruncated => "drop_truncated",
             Counter::DropIpOptions => "drop_ip_options",
+            Counter::DropBadChecksum => "drop_bad_checksum",
             Counter::DropFragment => "drop_fragment",
             Counter::DropBadVxlan => "drop_bad_vxlan",
             Counter::DropWrongDestination => "drop_wrong_destination",
@@ -247,8 +264,8 @@ mod tests {
 
     #[test]
     fn records_have_no_implicit_padding() {
-        assert_eq!(size_of::<DatapathConfig>(), 28);
-        assert_eq!(size_of::<PeerEntry>(), 8);
+        assert_eq!(size_of::<DatapathConfig>(), 36);
+        assert_eq!(size_of::<PeerEntry>(), 16);
         assert_eq!(size_of::<MacKey>(), 8);
         assert_eq!(size_of::<MacEntry>(), 16);
         assert_eq!(size_of::<PeerStats>(), 32);

@@ -29,14 +29,15 @@ use weft_common::{
     maps::{Counter, DatapathConfig, MAX_FLOOD_PEERS, PeerEntry},
     wire::{
         ENCAP_HEADERS_LEN, ENCAP_OVERHEAD, ETH_LEN, EncapHeaders, INNER_ETH_OFFSET, IPPROTO_UDP,
-        IPV4_FRAG_MASK, IPV4_LEN, VXLAN_FLAG_I, src_port_from_hash, vni, vni_dst, vni_src,
+        IPV4_FRAG_MASK, IPV4_LEN, VXLAN_FLAG_I, ipv4_checksum, src_port_from_hash, vni, vni_dst,
+        vni_src,
     },
 };
 
 use crate::{
     maps::{FLOOD, config, count, count_peer, peer},
     packet::{
-        fib_next_hop, grow, is_ip, learn_mac, lookup_mac, read_at, shrink, skb, store_headers,
+        grow, is_ip, learn_mac, lookup_mac, next_hop_mac, read_at, shrink, skb, store_headers,
     },
 };
 
@@ -104,24 +105,24 @@ fn unicast_to(
 ) -> Result<i32, Counter> {
     headers.set_destination(peer.addr, vni(short_id as u16, cfg.local_short_id));
     let ip = is_ip(ctx);
+    // Non-IP frames (ARP replies) cannot use bpf_redirect_neigh, which needs an IP
+    // skb: they go straight to the next hop's known MAC instead.
     let next_hop = if ip {
         None
     } else {
-        // Non-IP frames (ARP replies) cannot use redirect_neigh, which wants an IP skb:
-        // resolve the next hop here instead.
-        Some(fib_next_hop(ctx, cfg, peer.addr).ok_or(Counter::FloodNoNeighbour)?)
+        Some(next_hop_mac(peer).ok_or(Counter::FloodNoNeighbour)?)
     };
     grow(ctx, ip)?;
-    if let Some(hop) = &next_hop {
-        headers.set_outer_macs(&hop.smac, &hop.dmac);
+    if let Some(mac) = &next_hop {
+        headers.set_outer_macs(&cfg.underlay_mac, mac);
     }
     store_headers(ctx, headers)?;
     count_peer(short_id, len, true);
     count(Counter::TxUnicast);
-    // SAFETY: plain helper calls with constant or map-derived arguments.
+    // SAFETY: plain helper calls with map-derived arguments.
     let action = match next_hop {
         None => unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) },
-        Some(hop) => unsafe { bpf_redirect(hop.ifindex, 0) },
+        Some(_) => unsafe { bpf_redirect(cfg.underlay_ifindex, 0) },
     };
     Ok(action as i32)
 }
@@ -149,14 +150,14 @@ fn flood(
         let Some(peer) = peer(short_id) else {
             continue;
         };
-        let Some(hop) = fib_next_hop(ctx, cfg, peer.addr) else {
+        let Some(mac) = next_hop_mac(&peer) else {
             count(Counter::FloodNoNeighbour);
             continue;
         };
         headers.set_destination(peer.addr, vni(short_id as u16, cfg.local_short_id));
-        headers.set_outer_macs(&hop.smac, &hop.dmac);
+        headers.set_outer_macs(&cfg.underlay_mac, &mac);
         store_headers(ctx, headers)?;
-        if ctx.clone_redirect(hop.ifindex, 0).is_ok() {
+        if ctx.clone_redirect(cfg.underlay_ifindex, 0).is_ok() {
             count_peer(short_id, len, true);
         }
     }
@@ -236,6 +237,10 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
         return pass();
     }
     // From here on the packet is addressed to weft: it is delivered or dropped.
+    // The stack has not checked the outer header yet (TC runs before ip_rcv).
+    if ipv4_checksum(&ip) != 0 {
+        return Err(Counter::DropBadChecksum);
+    }
     if frag & IPV4_FRAG_MASK != 0 {
         return Err(Counter::DropFragment);
     }

@@ -1,28 +1,25 @@
 //! Packet access and the kernel calls the programs share, each written for the
 //! verifier: every read is bounds-checked against `data_end`, every loop is bounded.
 
-use core::mem::{MaybeUninit, size_of};
+use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{
         __sk_buff, BPF_ADJ_ROOM_ENCAP_L2_MASK, BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_SUCCESS, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup as FibLookup,
+        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use weft_common::{
     maps::{Counter, DatapathConfig, MacEntry, MacKey, PeerEntry},
-    wire::{ENCAP_OVERHEAD, ETH_LEN, EncapHeaders, IPPROTO_UDP},
+    wire::{ENCAP_OVERHEAD, ETH_LEN, EncapHeaders},
 };
 
 use crate::maps::{MACS, peer};
 
-/// `AF_INET`, for FIB lookups.
-const AF_INET: u8 = 2;
 /// A learned MAC is refreshed in the map at most this often (keeps the receive
 /// path from writing a shared hash entry on every packet).
 const MAC_REFRESH_NS: u64 = 1_000_000_000;
@@ -90,38 +87,14 @@ pub fn store_headers(ctx: &TcContext, headers: &EncapHeaders) -> Result<(), Coun
         .map_err(|_| Counter::DropResizeFailed)
 }
 
-/// Where the FIB says a packet to a peer leaves, with resolved Ethernet addresses.
-pub struct NextHop {
-    /// Egress interface.
-    pub ifindex: u32,
-    /// Our MAC on it.
-    pub smac: [u8; 6],
-    /// The next hop's MAC.
-    pub dmac: [u8; 6],
-}
-
-/// Looks up the route and neighbour towards `addr`; `None` unless both are resolved.
+/// The resolved Ethernet address of the next hop towards `peer`, if known.
 #[inline(always)]
-pub fn fib_next_hop(ctx: &TcContext, cfg: &DatapathConfig, addr: [u8; 4]) -> Option<NextHop> {
-    // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is a valid value.
-    let mut p: FibLookup = unsafe { MaybeUninit::zeroed().assume_init() };
-    p.family = AF_INET;
-    p.l4_protocol = IPPROTO_UDP;
-    p.ifindex = cfg.underlay_ifindex;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.local_addr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(addr);
-    // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibLookup>() as i32, 0) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
+pub fn next_hop_mac(peer: &PeerEntry) -> Option<[u8; 6]> {
+    if peer.next_hop_mac == [0; 6] {
+        None
+    } else {
+        Some(peer.next_hop_mac)
     }
-    // SAFETY: on success the kernel filled the MAC-address arm of the union.
-    let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
-    Some(NextHop {
-        ifindex: p.ifindex,
-        smac: macs.smac,
-        dmac: macs.dmac,
-    })
 }
 
 /// Finds the peer behind a unicast MAC, unless it is unknown, aged out or its peer gone.

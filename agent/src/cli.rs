@@ -1,0 +1,312 @@
+//! Command-line interface of the `weft` binary.
+//!
+//! ```text
+//! weft run [--iface IFACE] --name PEERNAME --peers-file FILE [--mtu N] [--bridge NAME]
+//!          [--port N] [--socket PATH]
+//! weft status [connections|peers] [--json] [--socket PATH]
+//! ```
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use weft_common::wire::{CONTROL_PORT, DEFAULT_MTU};
+
+use crate::{control::DEFAULT_SOCKET, peers::PeerName};
+
+/// Smallest accepted overlay MTU (the IPv4 minimum datagram every host must accept).
+pub const MIN_MTU: u16 = 576;
+/// Largest accepted overlay MTU (leaves room for the 50 bytes of encapsulation).
+pub const MAX_MTU: u16 = 65000;
+/// Longest Linux interface name (`IFNAMSIZ` - 1).
+pub const MAX_IFNAME: usize = 15;
+
+/// weft: an eBPF fast datapath for Weave Net-compatible overlay networks.
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent in the foreground until SIGINT or SIGTERM (SIGHUP reloads the
+    /// peers file).
+    Run(RunArgs),
+    /// Show the running agent's status.
+    Status(StatusArgs),
+}
+
+/// Options of `weft run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Underlay interface carrying VXLAN [default: the interface of the default route].
+    #[arg(long, value_name = "IFACE", value_parser = parse_ifname)]
+    pub iface: Option<String>,
+    /// This host's peer name, as listed in the peers file (like aa:00:00:00:00:01).
+    #[arg(long, value_name = "PEERNAME")]
+    pub name: PeerName,
+    /// The peers file (TOML, one [[peer]] entry per host, this one included).
+    #[arg(long, value_name = "FILE")]
+    pub peers_file: PathBuf,
+    /// Overlay MTU: the largest IP packet containers may send.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = DEFAULT_MTU,
+        value_parser = clap::value_parser!(u16).range(i64::from(MIN_MTU)..=i64::from(MAX_MTU)),
+    )]
+    pub mtu: u16,
+    /// Bridge containers attach to (created if absent).
+    #[arg(long, value_name = "NAME", default_value = "weave", value_parser = parse_ifname)]
+    pub bridge: String,
+    /// Control port; VXLAN uses the next port (default 6784).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = CONTROL_PORT,
+        value_parser = clap::value_parser!(u16).range(1..=65534),
+    )]
+    pub port: u16,
+    /// Control socket `weft status` talks to.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Options of `weft status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// What to show [default: a summary].
+    #[arg(value_enum, value_name = "WHAT")]
+    pub what: Option<StatusWhat>,
+    /// Print the whole status as JSON (whatever WHAT is).
+    #[arg(long)]
+    pub json: bool,
+    /// Control socket of the running agent.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// The views of `weft status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusWhat {
+    /// One line per connection.
+    Connections,
+    /// This peer and its connections.
+    Peers,
+}
+
+/// Accepts a valid Linux interface name: 1 to 15 bytes, not `.` or `..`, without `/`,
+/// `:`, whitespace or NUL (the kernel's `dev_valid_name`).
+pub fn parse_ifname(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("an interface name cannot be empty".to_owned());
+    }
+    if s.len() > MAX_IFNAME {
+        return Err(format!(
+            "an interface name is at most {MAX_IFNAME} bytes, {s:?} has {}",
+            s.len()
+        ));
+    }
+    if s == "." || s == ".." {
+        return Err(format!("{s:?} is not a valid interface name"));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| *c == '/' || *c == ':' || *c == '\0' || c.is_whitespace())
+    {
+        return Err(format!(
+            "an interface name cannot contain {c:?} (nor '/', ':' or whitespace)"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, error::ErrorKind};
+
+    use super::*;
+
+    const NAME: &str = "aa:00:00:00:00:01";
+
+    fn run(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut args = vec![
+            "weft",
+            "run",
+            "--name",
+            NAME,
+            "--peers-file",
+            "/etc/weft/peers.toml",
+        ];
+        args.extend_from_slice(extra);
+        match Cli::try_parse_from(args)?.command {
+            Command::Run(r) => Ok(r),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn status(args: &[&str]) -> Result<StatusArgs, clap::Error> {
+        let args = ["weft", "status"].iter().chain(args);
+        match Cli::try_parse_from(args)?.command {
+            Command::Status(s) => Ok(s),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults() {
+        let r = run(&[]).unwrap();
+        assert_eq!(r.iface, None);
+        assert_eq!(r.name, NAME.parse().unwrap());
+        assert_eq!(r.peers_file, PathBuf::from("/etc/weft/peers.toml"));
+        assert_eq!(r.mtu, 1376);
+        assert_eq!(r.bridge, "weave");
+        assert_eq!(r.port, 6783);
+        assert_eq!(r.socket, PathBuf::from("/run/weft/weft.sock"));
+    }
+
+    #[test]
+    fn run_all_options() {
+        let r = run(&[
+            "--iface",
+            "eth1",
+            "--mtu",
+            "8950",
+            "--bridge",
+            "br-weft",
+            "--port",
+            "7000",
+            "--socket",
+            "/tmp/w.sock",
+        ])
+        .unwrap();
+        assert_eq!(r.iface.as_deref(), Some("eth1"));
+        assert_eq!(r.mtu, 8950);
+        assert_eq!(r.bridge, "br-weft");
+        assert_eq!(r.port, 7000);
+        assert_eq!(r.socket, PathBuf::from("/tmp/w.sock"));
+        // Range limits are inclusive.
+        assert_eq!(run(&["--mtu", "576"]).unwrap().mtu, 576);
+        assert_eq!(run(&["--mtu", "65000"]).unwrap().mtu, 65000);
+        assert_eq!(run(&["--port", "65534"]).unwrap().port, 65534);
+        assert_eq!(
+            run(&["--iface", "abcdefghijklmno"])
+                .unwrap()
+                .iface
+                .unwrap()
+                .len(),
+            15
+        );
+    }
+
+    #[test]
+    fn run_requires_name_and_peers_file() {
+        let e = Cli::try_parse_from(["weft", "run", "--peers-file", "p"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(e.to_string().contains("--name <PEERNAME>"), "{e}");
+        let e = Cli::try_parse_from(["weft", "run", "--name", NAME]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(e.to_string().contains("--peers-file <FILE>"), "{e}");
+    }
+
+    #[test]
+    fn bad_peer_name_is_a_clap_error() {
+        let e = Cli::try_parse_from(["weft", "run", "--name", "host1", "--peers-file", "p"])
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+        let text = e.to_string();
+        assert!(
+            text.contains("invalid value 'host1' for '--name <PEERNAME>'"),
+            "{text}"
+        );
+        assert!(text.contains("is not a peer name"), "{text}");
+    }
+
+    #[test]
+    fn mtu_and_port_ranges() {
+        for bad in ["575", "65001", "0", "abc"] {
+            let e = run(&["--mtu", bad]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "--mtu {bad}");
+        }
+        // A negative number reads as an unknown flag; rejected all the same.
+        assert!(run(&["--mtu", "-1"]).is_err());
+        assert!(
+            run(&["--mtu", "575"])
+                .unwrap_err()
+                .to_string()
+                .contains("576..=65000")
+        );
+        for bad in ["0", "65535", "70000"] {
+            let e = run(&["--port", bad]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "--port {bad}");
+        }
+    }
+
+    #[test]
+    fn interface_names() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "abcdefghijklmnop",
+        ] {
+            assert!(parse_ifname(bad).is_err(), "{bad:?}");
+            let e = run(&["--bridge", bad]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "--bridge {bad:?}");
+            let e = run(&["--iface", bad]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "--iface {bad:?}");
+        }
+        assert_eq!(
+            parse_ifname("abcdefghijklmnop").unwrap_err(),
+            "an interface name is at most 15 bytes, \"abcdefghijklmnop\" has 16"
+        );
+        assert_eq!(
+            parse_ifname("a:b").unwrap_err(),
+            "an interface name cannot contain ':' (nor '/', ':' or whitespace)"
+        );
+        for good in ["weave", "eth0", "br-0.1", "x"] {
+            assert_eq!(parse_ifname(good).unwrap(), good);
+        }
+    }
+
+    #[test]
+    fn status_forms() {
+        let s = status(&[]).unwrap();
+        assert_eq!(s.what, None);
+        assert!(!s.json);
+        assert_eq!(s.socket, PathBuf::from("/run/weft/weft.sock"));
+
+        let s = status(&["connections"]).unwrap();
+        assert_eq!(s.what, Some(StatusWhat::Connections));
+        let s = status(&["peers", "--json", "--socket", "/x.sock"]).unwrap();
+        assert_eq!(s.what, Some(StatusWhat::Peers));
+        assert!(s.json);
+        assert_eq!(s.socket, PathBuf::from("/x.sock"));
+
+        let e = status(&["dns"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn subcommand_is_required() {
+        let e = Cli::try_parse_from(["weft"]).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        );
+        let e = Cli::try_parse_from(["weft", "frobnicate"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidSubcommand);
+    }
+}

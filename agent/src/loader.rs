@@ -1,0 +1,164 @@
+//! Loads the embedded eBPF object and attaches its TC programs.
+//!
+//! On kernels with TCX (6.6+) programs attach through BPF links owned by this
+//! process: they detach when the agent exits, however it exits (even `kill -9`), so
+//! there is nothing to reconcile. Older kernels use netlink `cls_bpf` filters under a
+//! `clsact` qdisc, which outlive the process: before attaching, leftovers of a
+//! previous run (filters named like weft's programs) are removed, and a `clsact`
+//! qdisc weft added is reported back so the caller can remove it on exit.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        tc::{self, TcError},
+    },
+    util::KernelVersion,
+};
+use weft_common::maps::programs;
+
+/// The eBPF object built by `cargo xtask build`, embedded at compile time.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
+
+/// Why loading or attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// The kernel refused for lack of privilege.
+    #[error(
+        "permission denied loading eBPF programs: run weft as root \
+         (or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    )]
+    Permission,
+    /// The object could not be loaded.
+    #[error("loading the eBPF object failed")]
+    Load(#[source] aya::EbpfError),
+    /// A program is missing from the object or has another type.
+    #[error("eBPF program {0} missing or not a TC classifier")]
+    Program(&'static str),
+    /// The verifier or the kernel rejected a program.
+    #[error("loading eBPF program {name} failed")]
+    ProgramLoad {
+        /// The program.
+        name: &'static str,
+        /// What the kernel said (with the verifier log).
+        #[source]
+        source: ProgramError,
+    },
+    /// Attaching a program failed.
+    #[error("attaching eBPF program {name} to interface {iface} failed")]
+    Attach {
+        /// The program.
+        name: &'static str,
+        /// The interface's ifindex.
+        iface: u32,
+        /// What the kernel said.
+        #[source]
+        source: ProgramError,
+    },
+    /// Preparing the legacy TC attachment failed.
+    #[error("preparing TC on interface {iface} failed")]
+    Tc {
+        /// The interface's ifindex.
+        iface: u32,
+        /// What the kernel said.
+        #[source]
+        source: TcError,
+    },
+}
+
+/// The first OS error code in a chain of errors.
+fn os_error(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(code) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Whether a chain of errors bottoms out in EPERM/EACCES.
+fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(os_error(err), Some(libc::EPERM) | Some(libc::EACCES))
+}
+
+/// Loads the embedded object (maps are created, programs not yet loaded).
+pub fn load() -> Result<Ebpf, LoaderError> {
+    EbpfLoader::new().load(EBPF_OBJECT).map_err(|e| {
+        if is_permission_error(&e) {
+            LoaderError::Permission
+        } else {
+            LoaderError::Load(e)
+        }
+    })
+}
+
+/// Whether TC programs attach through TCX links (else netlink filters).
+pub fn uses_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// What attaching did that the caller must undo on exit (beyond dropping the
+/// `Ebpf`, which detaches the programs).
+#[derive(Debug, Default)]
+pub struct Attached {
+    /// Interfaces (ifindexes) on which weft added a `clsact` qdisc (netlink mode).
+    pub clsact_added: Vec<u32>,
+}
+
+/// Loads both programs and attaches them: encapsulation on ingress of the
+/// datapath port, decapsulation on ingress of the underlay interface (ifindexes).
+pub fn attach(ebpf: &mut Ebpf, datapath_port: u32, underlay: u32) -> Result<Attached, LoaderError> {
+    let mut attached = Attached::default();
+    for (name, iface) in [
+        (programs::EGRESS, datapath_port),
+        (programs::INGRESS, underlay),
+    ] {
+        if !uses_tcx() {
+            prepare_netlink(iface, name, &mut attached)?;
+        }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(LoaderError::Program(name))?
+            .try_into()
+            .map_err(|_| LoaderError::Program(name))?;
+        prog.load().map_err(|source| {
+            if is_permission_error(&source) {
+                LoaderError::Permission
+            } else {
+                LoaderError::ProgramLoad { name, source }
+            }
+        })?;
+        prog.attach(iface, TcAttachType::Ingress)
+            .map_err(|source| LoaderError::Attach {
+                name,
+                iface,
+                source,
+            })?;
+    }
+    Ok(attached)
+}
+
+/// Netlink mode: removes a leftover filter of a previous run and makes sure a
+/// `clsact` qdisc exists, remembering whether weft added it.
+fn prepare_netlink(iface: u32, name: &str, attached: &mut Attached) -> Result<(), LoaderError> {
+    let tc_err = |source| LoaderError::Tc { iface, source };
+    match tc::qdisc_detach_program(iface, TcAttachType::Ingress.into(), name) {
+        Ok(()) => tracing::info!(iface, program = name, "removed a leftover TC filter"),
+        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            // No clsact qdisc yet is the common case here; anything else is real.
+            tracing::debug!(iface, error = %e, "no leftover TC filter to remove");
+        }
+    }
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => attached.clsact_added.push(iface),
+        Err(e) if os_error(&e) == Some(libc::EEXIST) => {}
+        Err(e) => return Err(tc_err(e)),
+    }
+    Ok(())
+}
