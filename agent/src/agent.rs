@@ -13,7 +13,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
-use weft_common::maps::{DEFAULT_MAC_AGE_SECS, PeerStats};
+use weft_common::{
+    maps::{DEFAULT_MAC_AGE_SECS, PeerStats},
+    wire::ENCAP_OVERHEAD,
+};
 
 use crate::{
     cli::RunArgs,
@@ -117,10 +120,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
              peers will send to an address this host may not receive on"
         );
     }
+    let needed = u32::from(args.mtu) + ENCAP_OVERHEAD as u32;
+    if underlay.mtu < needed {
+        bail!(
+            "--mtu {} needs an underlay MTU of at least {needed} (MTU + {ENCAP_OVERHEAD} bytes of \
+             VXLAN encapsulation), but {} has {}: lower --mtu or raise the underlay MTU",
+            args.mtu,
+            underlay.name,
+            underlay.mtu
+        );
+    }
+    // Creating the maps proves the BPF privileges; nothing is attached yet.
+    let ebpf = loader::load()?;
     let socket = control::bind(&args.socket)?;
 
     // 2. Kernel state, recorded for teardown.
-    let mut teardown = Teardown::default();
+    let mut teardown = Teardown {
+        ebpf: Some(ebpf),
+        ..Teardown::default()
+    };
     let result = serve(&args, &net, me, remotes, &underlay, socket, &mut teardown).await;
     teardown.run(&net).await;
     result
@@ -167,7 +185,10 @@ async fn serve(
         underlay_mac: underlay.mac,
     };
     let resolved = resolve(net, underlay.index, &remotes).await;
-    let ebpf = teardown.ebpf.insert(loader::load()?);
+    let ebpf = teardown
+        .ebpf
+        .as_mut()
+        .context("the eBPF object is loaded before serving")?;
     let mut datapath = Datapath::new(BpfMaps::take(ebpf)?);
     // Maps first, then programs: the programs never run unconfigured.
     datapath.apply(&settings, &resolved)?;

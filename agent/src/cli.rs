@@ -185,14 +185,14 @@ mod tests {
             "--port",
             "7000",
             "--socket",
-            "/tmp/w.sock",
+            "/var/lib/weft/w.sock",
         ])
         .unwrap();
         assert_eq!(r.iface.as_deref(), Some("eth1"));
         assert_eq!(r.mtu, 8950);
         assert_eq!(r.bridge, "br-weft");
         assert_eq!(r.port, 7000);
-        assert_eq!(r.socket, PathBuf::from("/tmp/w.sock"));
+        assert_eq!(r.socket, PathBuf::from("/var/lib/weft/w.sock"));
         // Range limits are inclusive.
         assert_eq!(run(&["--mtu", "576"]).unwrap().mtu, 576);
         assert_eq!(run(&["--mtu", "65000"]).unwrap().mtu, 65000);

@@ -145,7 +145,7 @@ impl Netdev {
             if link.kind.as_deref() != Some("bridge") {
                 return Err(NetdevError::NotABridge(name.to_owned()));
             }
-            self.set_up(link.index, None, None).await?;
+            self.set_up(link.index, Some(mtu), None).await?;
             return Ok((link, false));
         }
         self.handle

@@ -115,8 +115,8 @@ pub fn lookup_mac(mac: &[u8; 6], cfg: &DatapathConfig) -> Option<(u32, PeerEntry
 /// Records that `mac` lives behind peer `short_id`.
 #[inline(always)]
 pub fn learn_mac(mac: &[u8; 6], short_id: u32) {
-    if mac[0] & 1 != 0 {
-        return; // a group address is never a source
+    if mac[0] & 1 != 0 || *mac == [0; 6] {
+        return; // a group address is never a source; all-zero is Weave's heartbeat
     }
     let key = MacKey::new(*mac);
     // SAFETY: plain helper call.

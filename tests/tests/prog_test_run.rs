@@ -58,9 +58,9 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
         assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+            euid, 0,
             "needs root to load eBPF programs and create namespaces (CI runs as root)"
         );
         let object = std::env::var("WEFT_EBPF_OBJECT")

@@ -1,1 +1,81 @@
-fn main() {}
+//! weft's task runner: `cargo xtask <task>` builds the eBPF object and the agent, runs
+//! the tests and lints, and starts the demo. One module per task; a new task is a new
+//! module plus one variant of [`Task`].
+
+mod build;
+mod demo;
+mod exec;
+mod lint;
+mod setup;
+mod test;
+mod workspace;
+
+use std::{process::ExitCode, time::Instant};
+
+use clap::{Parser, Subcommand};
+
+use crate::workspace::Workspace;
+
+/// Command line of `cargo xtask`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "weft's build, test and demo tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+/// The tasks. Each one lives in the module of the same name.
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Check and install what the other tasks need: the pinned toolchain's components,
+    /// bpf-linker (in `.tools`), the Debian tools the tests use, and bpffs.
+    Setup,
+    /// Build the eBPF object, then the agent that embeds it.
+    Build(build::Args),
+    /// Build, then run unit tests, root integration tests and lints.
+    Test,
+    /// Build, then run the multi-host demo in network namespaces (needs root).
+    Demo,
+    /// rustfmt and clippy (with `-D warnings`) over the host crates and the eBPF crate.
+    Lint,
+}
+
+impl Task {
+    /// The subcommand's name, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Setup => "setup",
+            Self::Build(_) => "build",
+            Self::Test => "test",
+            Self::Demo => "demo",
+            Self::Lint => "lint",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let started = Instant::now();
+    let result = Workspace::locate().and_then(|ws| match &cli.task {
+        Task::Setup => setup::run(&ws, setup::Mode::Verbose),
+        Task::Build(args) => build::run(&ws, args).map(drop),
+        Task::Test => test::run(&ws),
+        Task::Demo => demo::run(&ws),
+        Task::Lint => lint::run(&ws),
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    match result {
+        Ok(()) => {
+            eprintln!("xtask: {} done in {elapsed:.1}s", cli.task.name());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("xtask: error after {elapsed:.1}s: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

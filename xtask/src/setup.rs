@@ -1,0 +1,314 @@
+//! `cargo xtask setup`: make sure everything the other tasks need is present, installing
+//! what is missing. Idempotent, and fast (well under a second) when nothing is missing;
+//! `build`, `test`, `demo` and `lint` run it first.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    exec,
+    workspace::{Workspace, find_binary, is_root},
+};
+
+/// The bpf-linker release built into `.tools`.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Binaries the tests and the demo use, with the Debian package providing each.
+const DEBIAN_TOOLS: &[(&str, &str)] = &[
+    ("iperf3", "iperf3"),
+    ("tcpdump", "tcpdump"),
+    ("tshark", "tshark"),
+    ("bpftool", "bpftool"),
+    ("ping", "iputils-ping"),
+    ("ip", "iproute2"),
+    ("bridge", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("ps", "procps"),
+    ("sysctl", "procps"),
+];
+
+/// How much setup reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `cargo xtask setup`: one line per item.
+    Verbose,
+    /// Before another task: only what it changes or cannot do.
+    Quiet,
+}
+
+/// Runs every setup step.
+pub fn run(ws: &Workspace, mode: Mode) -> Result<()> {
+    let say = |msg: String| {
+        if mode == Mode::Verbose {
+            eprintln!("setup: {msg}");
+        }
+    };
+    toolchain(ws, &say)?;
+    bpf_linker(ws, &say)?;
+    debian_tools(&say)?;
+    bpffs(&say)?;
+    Ok(())
+}
+
+/// The toolchain pinned by `rust-toolchain.toml` and its components. The toolchain
+/// itself must already be installed (`rustup toolchain install`) or cargo could not
+/// have started xtask; missing components are added.
+fn toolchain(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
+    let file = ws.root.join("rust-toolchain.toml");
+    let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let (channel, components) = parse_toolchain_file(&text)
+        .with_context(|| format!("{} has no `channel = \"...\"`", file.display()))?;
+    if find_binary("rustup").is_none() {
+        eprintln!("setup: rustup not found; not checking toolchain {channel}");
+        return Ok(());
+    }
+    let installed = ws
+        .command("rustup")
+        .args(["component", "list", "--installed", "--toolchain", &channel])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
+    let Some(installed) = installed else {
+        // Reads rust-toolchain.toml: installs the channel with its components.
+        return exec::run(ws.command("rustup").args(["toolchain", "install"]));
+    };
+    let missing: Vec<&str> = components
+        .iter()
+        .map(String::as_str)
+        .filter(|component| {
+            // Lines look like `rust-src` or `clippy-x86_64-unknown-linux-gnu`.
+            !installed
+                .lines()
+                .any(|line| line == *component || line.starts_with(&format!("{component}-")))
+        })
+        .collect();
+    if missing.is_empty() {
+        say(format!(
+            "toolchain {channel} with {} ok",
+            components.join(", ")
+        ));
+        return Ok(());
+    }
+    exec::run(
+        ws.command("rustup")
+            .args(["component", "add", "--toolchain", &channel])
+            .args(&missing),
+    )
+}
+
+/// `channel` and `components` of a `rust-toolchain.toml` (just enough TOML for it).
+fn parse_toolchain_file(text: &str) -> Option<(String, Vec<String>)> {
+    let value = |key: &str| {
+        text.lines().find_map(|line| {
+            let (k, v) = line.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().to_owned())
+        })
+    };
+    let channel = value("channel")?.trim_matches('"').to_owned();
+    let components = value("components")
+        .map(|list| {
+            list.trim_start_matches('[')
+                .trim_end_matches(']')
+                .split(',')
+                .map(|c| c.trim().trim_matches('"').to_owned())
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((channel, components))
+}
+
+/// bpf-linker in `.tools/bin`, built against the pinned toolchain's own LLVM (the one
+/// that emits the bitcode it links). Rebuilt when it is missing, does not run, or was
+/// built against another toolchain's LLVM (or its last build did not finish).
+fn bpf_linker(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
+    let tools = ws.tools_dir();
+    let llvm_lib = tools.join("llvm").join("lib");
+    let libllvm = toolchain_libllvm(ws)?;
+    // Written after a successful install: the libLLVM that bpf-linker was built against.
+    let stamp = tools.join("bpf-linker.llvm");
+    let built_against = fs::read_to_string(&stamp).ok().map(PathBuf::from);
+    let linker = tools.join("bin").join("bpf-linker");
+    let version = Command::new(&linker)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let want = format!("bpf-linker {BPF_LINKER_VERSION}");
+    if version.as_deref() == Some(want.as_str()) && built_against.as_deref() == Some(&*libllvm) {
+        say(format!("{want} ok (LLVM {})", libllvm.display()));
+        return Ok(());
+    }
+    eprintln!(
+        "setup: building {want} into {} against {} (takes a minute or two)",
+        tools.display(),
+        libllvm.display()
+    );
+    // bpf-linker's build finds LLVM through LLVM_PREFIX/lib/libLLVM.so, and the
+    // binary's rpath loads it from there by the library's own file name.
+    if llvm_lib.exists() {
+        fs::remove_dir_all(&llvm_lib)
+            .with_context(|| format!("removing {}", llvm_lib.display()))?;
+    }
+    fs::create_dir_all(&llvm_lib).with_context(|| format!("creating {}", llvm_lib.display()))?;
+    let file_name = libllvm
+        .file_name()
+        .context("libLLVM path has no file name")?;
+    for name in [Path::new("libLLVM.so"), Path::new(file_name)] {
+        let link = llvm_lib.join(name);
+        symlink(&libllvm, &link).with_context(|| format!("creating {}", link.display()))?;
+    }
+    exec::run(
+        ws.cargo()
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--locked", "--force", "--root"])
+            .arg(&tools)
+            .env("LLVM_PREFIX", tools.join("llvm")),
+    )?;
+    let out = exec::output(Command::new(&linker).arg("--version"))?;
+    if out.trim() != want {
+        bail!(
+            "{} reports `{}`, expected `{want}`",
+            linker.display(),
+            out.trim()
+        );
+    }
+    fs::write(&stamp, libllvm.as_os_str().as_encoded_bytes())
+        .with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// The toolchain's `lib/libLLVM.so.<major>.<minor>-rust-<version>`.
+fn toolchain_libllvm(ws: &Workspace) -> Result<PathBuf> {
+    let out = ws
+        .command("rustc")
+        .args(["--print", "sysroot"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("could not run `rustc --print sysroot`")?;
+    if !out.status.success() {
+        bail!("`rustc --print sysroot` failed: {}", out.status);
+    }
+    let lib = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("lib");
+    let mut found: Vec<PathBuf> = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("libLLVM.so.") && name.contains("-rust-"))
+        })
+        .collect();
+    found.sort();
+    found.pop().with_context(|| {
+        format!(
+            "no libLLVM.so.*-rust-* in {}: the toolchain ships no LLVM to build bpf-linker with",
+            lib.display()
+        )
+    })
+}
+
+/// The Debian tools of [`DEBIAN_TOOLS`], installed with apt-get when missing (root only).
+fn debian_tools(say: &dyn Fn(String)) -> Result<()> {
+    let mut packages: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(binary, _)| find_binary(binary).is_none())
+        .map(|&(_, package)| package)
+        .collect();
+    packages.sort_unstable();
+    packages.dedup();
+    if packages.is_empty() {
+        say("test tools ok".to_owned());
+        return Ok(());
+    }
+    let list = packages.join(" ");
+    if !is_root() {
+        eprintln!("setup: not root, not installing missing test tools: {list}");
+        return Ok(());
+    }
+    if find_binary("apt-get").is_none() {
+        eprintln!("setup: no apt-get; install these yourself: {list}");
+        return Ok(());
+    }
+    let apt = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null());
+        cmd
+    };
+    exec::run(apt().args(["-q", "update"]))?;
+    exec::run(
+        apt()
+            .args(["-q", "install", "-y", "--no-install-recommends"])
+            .args(&packages),
+    )?;
+    let still_missing: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(binary, _)| find_binary(binary).is_none())
+        .map(|&(binary, _)| binary)
+        .collect();
+    if !still_missing.is_empty() {
+        bail!(
+            "still missing after apt-get install: {}",
+            still_missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// bpffs at /sys/fs/bpf (for pinning and bpftool), mounted when absent (root only).
+fn bpffs(say: &dyn Fn(String)) -> Result<()> {
+    const DIR: &str = "/sys/fs/bpf";
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some(DIR) && fields.next() == Some("bpf")
+    });
+    if mounted {
+        say(format!("bpffs at {DIR} ok"));
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!("setup: not root, not mounting bpffs at {DIR}");
+        return Ok(());
+    }
+    fs::create_dir_all(DIR).with_context(|| format!("creating {DIR}"))?;
+    exec::run(Command::new("mount").args(["-t", "bpf", "bpf", DIR]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_toolchain_file() {
+        let text = "# comment\n[toolchain]\nchannel = \"nightly-2026-10-01\"\n\
+                    components = [\"rust-src\", \"rustfmt\", \"clippy\"]\nprofile = \"minimal\"\n";
+        let (channel, components) = parse_toolchain_file(text).unwrap();
+        assert_eq!(channel, "nightly-2026-10-01");
+        assert_eq!(components, ["rust-src", "rustfmt", "clippy"]);
+    }
+
+    #[test]
+    fn toolchain_file_without_channel_is_rejected() {
+        assert!(parse_toolchain_file("[toolchain]\nprofile = \"minimal\"\n").is_none());
+    }
+
+    #[test]
+    fn repository_toolchain_file_parses() {
+        let ws = Workspace::locate().unwrap();
+        let text = fs::read_to_string(ws.root.join("rust-toolchain.toml")).unwrap();
+        let (channel, components) = parse_toolchain_file(&text).unwrap();
+        assert!(channel.starts_with("nightly-"), "{channel}");
+        assert!(components.iter().any(|c| c == "rust-src"));
+    }
+}
