@@ -208,15 +208,6 @@ fn remove_if_stale(path: &Path) -> Result<(), ControlError> {
 }
 
 impl ControlSocket {
-    /// The socket's path.
-    #[allow(
-        dead_code,
-        reason = "part of the API; the agent logs the path it was given"
-    )]
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Answers clients until the future is dropped; `snapshot` builds the answer to
     /// `status` (it runs on the runtime thread, so keep it quick). Each client gets its
     /// own task, [`REQUEST_TIMEOUT`] to send a request of at most [`MAX_REQUEST`] bytes
@@ -434,7 +425,6 @@ mod tests {
         // The parent directory is created, root-only.
         let path = dir.join("sub/weft.sock");
         let socket = bind(&path).unwrap();
-        assert_eq!(socket.path(), path);
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&dir.join("sub")), 0o700);

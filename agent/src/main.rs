@@ -23,16 +23,24 @@ mod status;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 
 use crate::cli::{Cli, Command, StatusArgs, StatusWhat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let level = match std::env::var("WEFT_LOG") {
+        Ok(v) => match v.parse::<LevelFilter>() {
+            Ok(level) => level,
+            Err(_) => {
+                eprintln!("weft: WEFT_LOG={v:?} is not a level (error, warn, info, debug, trace)");
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(_) => LevelFilter::INFO,
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -35,17 +35,6 @@ pub const MAX_FILE_BYTES: u64 = 4 << 20;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerName(pub [u8; 6]);
 
-impl PeerName {
-    /// The name as a 48-bit big-endian integer (the form Weave uses in key derivation).
-    #[allow(
-        dead_code,
-        reason = "used by the control protocol and IPsec keys, not wired yet"
-    )]
-    pub fn as_u64(&self) -> u64 {
-        self.0.iter().fold(0, |acc, &b| (acc << 8) | u64::from(b))
-    }
-}
-
 /// A string that is not a peer name.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error(
@@ -507,8 +496,6 @@ address = "192.168.48.13"
         assert_eq!(name.0, [0x7e, 0x21, 0x4a, 0x70, 0x2f, 0x45]);
         assert_eq!(name.to_string(), "7e:21:4a:70:2f:45");
         assert_eq!(format!("{name:?}"), "PeerName(7e:21:4a:70:2f:45)");
-        assert_eq!(name.as_u64(), 0x7e21_4a70_2f45);
-        assert_eq!(PeerName([0xff; 6]).as_u64(), 0xffff_ffff_ffff);
     }
 
     #[test]

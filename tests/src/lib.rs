@@ -1,1 +1,38 @@
-//! testbed
+//! A multi-host testbed on network namespaces for weft, used by the privileged
+//! integration tests (`tests/*.rs`), by `cargo xtask demo` and by the benchmark.
+//!
+//! - [`Testbed`]: an underlay switch with hosts and pods in network namespaces
+//!   (layout in [`testbed`]); kernel-VXLAN hosts laid out like Weave's fast datapath.
+//! - Agent control on [`Testbed`]: [`Testbed::start_agent`], [`Testbed::stop_agent`],
+//!   [`Testbed::kill9_agent`], [`Testbed::sighup_agent`], [`Testbed::status_json`].
+//! - Traffic: [`pod_exec`], [`ping`], [`wait_ping`], [`tcp_transfer`], [`capture_vxlan`].
+//! - Hygiene: [`cleanup_stale`] removes leftovers of crashed runs;
+//!   [`install_interrupt_handler`] lets a driver tear down on Ctrl-C.
+//!
+//! Everything runs external tools (`ip`, `bridge`, `ping`, `tcpdump`, `iperf3`) through
+//! [`cmd::run`], whose errors name the command line, exit status and stderr. Every
+//! wait is bounded. Needs root.
+
+pub mod agent;
+pub mod bench_topology;
+pub mod bpf;
+pub mod cmd;
+pub mod demo;
+pub mod netns;
+pub mod pcap;
+pub mod peers;
+pub mod signal;
+pub mod testbed;
+pub mod traffic;
+
+pub use agent::AgentExit;
+pub use bpf::{TcxProg, prog_exists, tcx_programs};
+pub use demo::demo;
+pub use pcap::{Capture, Packet};
+pub use peers::{peers_toml, write_peers_file};
+pub use signal::{install_interrupt_handler, interrupted};
+pub use testbed::{Host, Pod, Testbed, cleanup_stale, is_root, serial};
+pub use traffic::{
+    PingReport, Transfer, capture_vxlan, links_with_prefix, ns_exec, ping, pod_exec, pod_mac,
+    tcp_transfer, wait_ping,
+};

@@ -1,0 +1,182 @@
+//! Bad input: the agent exits nonzero with a clear message, without panicking and
+//! without leaving devices behind. Need root and `WEFT_AGENT_BIN`.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::{Bed, Must, agent_bin, bed};
+use weft_testbed::links_with_prefix;
+
+/// Runs the agent on host 1 with `args`, expecting a clean failure whose output
+/// mentions (case-insensitively) at least one of each group in `mentions`.
+fn expect_failure(tb: &Bed, bin: &Path, args: Vec<String>, case: &str, mentions: &[&[&str]]) {
+    let exit = tb
+        .run_agent_to_exit(1, bin, &args, Duration::from_secs(10))
+        .must(&format!("{case}: agent should exit by itself"));
+    let out = exit.output.to_lowercase();
+    assert!(
+        exit.status.code().is_some_and(|c| c != 0),
+        "{case}: expected a nonzero exit code, got {:?}; output:\n{}",
+        exit.status,
+        exit.output
+    );
+    assert!(
+        !out.contains("panicked"),
+        "{case}: the agent panicked:\n{}",
+        exit.output
+    );
+    for group in mentions {
+        assert!(
+            group.iter().any(|m| out.contains(&m.to_lowercase())),
+            "{case}: expected the message to mention one of {group:?}; output:\n{}",
+            exit.output
+        );
+    }
+    let ns = &tb.host(1).must("host").ns;
+    let left = links_with_prefix(ns, "vethwe-").must("ip link");
+    assert!(left.is_empty(), "{case}: devices left behind: {left:?}");
+    assert!(!tb.socket_path(1).exists(), "{case}: socket left behind");
+}
+
+fn with_arg(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let i = args.iter().position(|a| a == flag).expect("flag present");
+    args[i + 1] = value.to_string();
+    args
+}
+
+fn peers(entries: &[(&str, &str, &str, &str)]) -> String {
+    entries
+        .iter()
+        .map(|(name, nick, id, addr)| {
+            let mut s = String::from("[[peer]]\n");
+            for (k, v) in [
+                ("name", name),
+                ("nickname", nick),
+                ("short_id", id),
+                ("address", addr),
+            ] {
+                if !v.is_empty() {
+                    s.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+            s + "\n"
+        })
+        .collect()
+}
+
+fn write(tb: &Bed, text: &str) {
+    std::fs::write(tb.peers_path(1), text).expect("write peers file");
+}
+
+const H1: (&str, &str, &str, &str) = (
+    "\"aa:00:00:00:00:01\"",
+    "\"host1\"",
+    "1",
+    "\"192.168.48.11\"",
+);
+
+#[test]
+fn missing_interface() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    let args = with_arg(tb.agent_args(1).must("args"), "--iface", "nosuch0");
+    expect_failure(&tb, &bin, args, "missing interface", &[&["nosuch0"]]);
+}
+
+#[test]
+fn malformed_address_in_peers_file() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    write(
+        &tb,
+        &peers(&[
+            H1,
+            (
+                "\"aa:00:00:00:00:02\"",
+                "\"host2\"",
+                "2",
+                "\"192.168.48.999\"",
+            ),
+        ]),
+    );
+    expect_failure(
+        &tb,
+        &bin,
+        tb.agent_args(1).must("args"),
+        "malformed address",
+        &[
+            &["address"],
+            &["192.168.48.999", "aa:00:00:00:00:02", "host2", "peer 2"],
+        ],
+    );
+}
+
+#[test]
+fn missing_field_in_peers_file() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    write(
+        &tb,
+        &peers(&[
+            H1,
+            (
+                "\"aa:00:00:00:00:02\"",
+                "\"host2\"",
+                "",
+                "\"192.168.48.12\"",
+            ),
+        ]),
+    );
+    expect_failure(
+        &tb,
+        &bin,
+        tb.agent_args(1).must("args"),
+        "missing short_id",
+        &[&["short_id"]],
+    );
+}
+
+#[test]
+fn duplicate_short_id() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    write(
+        &tb,
+        &peers(&[
+            H1,
+            (
+                "\"aa:00:00:00:00:02\"",
+                "\"host2\"",
+                "1",
+                "\"192.168.48.12\"",
+            ),
+        ]),
+    );
+    expect_failure(
+        &tb,
+        &bin,
+        tb.agent_args(1).must("args"),
+        "duplicate short_id",
+        &[
+            &["short_id", "short id", "shortid"],
+            &["duplicate", "twice", "already", "more than once", "same"],
+        ],
+    );
+}
+
+#[test]
+fn own_name_absent_from_peers_file() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    let args = with_arg(tb.agent_args(1).must("args"), "--name", "aa:00:00:00:00:99");
+    expect_failure(
+        &tb,
+        &bin,
+        args,
+        "own name absent",
+        &[&["aa:00:00:00:00:99"]],
+    );
+}

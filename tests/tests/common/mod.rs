@@ -1,0 +1,84 @@
+//! Shared setup of the privileged integration tests: environment checks and a
+//! serialised testbed.
+
+#![allow(dead_code, reason = "each test binary uses a subset of these helpers")]
+
+use std::{
+    ops::{Deref, DerefMut},
+    path::PathBuf,
+    sync::MutexGuard,
+    time::Duration,
+};
+
+use weft_testbed::{Testbed, is_root, serial};
+
+/// Panics unless running as root.
+pub fn require_root() {
+    assert!(is_root(), "needs root (CI runs as root)");
+}
+
+/// The agent binary named by `WEFT_AGENT_BIN` (after checking for root).
+pub fn agent_bin() -> PathBuf {
+    require_root();
+    let bin = std::env::var_os("WEFT_AGENT_BIN")
+        .map(PathBuf::from)
+        .expect("WEFT_AGENT_BIN not set: run through `cargo xtask test`");
+    assert!(
+        bin.is_file(),
+        "WEFT_AGENT_BIN={} is not a file",
+        bin.display()
+    );
+    bin
+}
+
+/// A testbed that holds the process-wide testbed lock until dropped (tests of one
+/// binary run on parallel threads; agents and captures are timing-sensitive).
+pub struct Bed {
+    // Field order matters: the testbed is torn down before the lock is released.
+    pub tb: Testbed,
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl Deref for Bed {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.tb
+    }
+}
+
+impl DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut Testbed {
+        &mut self.tb
+    }
+}
+
+/// `hosts` hosts with `pods` pods each.
+pub fn bed(hosts: u8, pods: u8) -> Bed {
+    require_root();
+    let guard = serial();
+    let tb = Testbed::with_hosts(hosts, pods).unwrap_or_else(|e| panic!("testbed setup: {e:#}"));
+    Bed { tb, _guard: guard }
+}
+
+/// Starts the agent on each of `hosts`, panicking with the reason on failure.
+pub fn start_agents(tb: &mut Testbed, bin: &std::path::Path, hosts: &[u8]) {
+    for &n in hosts {
+        tb.start_agent(n, bin, &[])
+            .unwrap_or_else(|e| panic!("starting agent on host {n}: {e:#}"));
+    }
+}
+
+/// How long a freshly started datapath may take to carry the first ping.
+pub const FIRST_CONTACT: Duration = Duration::from_secs(10);
+
+/// Unwraps with the full error chain in the panic message.
+pub trait Must<T> {
+    /// Unwraps, panicking with `what` and the error chain.
+    fn must(self, what: &str) -> T;
+}
+
+impl<T> Must<T> for anyhow::Result<T> {
+    fn must(self, what: &str) -> T {
+        self.unwrap_or_else(|e| panic!("{what}: {e:#}"))
+    }
+}
