@@ -106,8 +106,24 @@ fn run(agent_bin: &Path) -> Result<()> {
             println!("    {line}");
         }
     }
+    step("agent memory (VmRSS)")?;
+    for n in 1..=HOSTS {
+        let pid = tb.agent_pid(n)?;
+        println!("    host{n}: {}", vm_rss(pid)?);
+    }
     step("tearing down")?;
     tb.teardown()?;
     println!("demo: done");
     Ok(())
+}
+
+/// The `VmRSS` line of a process, e.g. `6144 kB`.
+fn vm_rss(pid: u32) -> Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .map(|v| v.trim().to_owned())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
