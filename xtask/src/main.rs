@@ -2,6 +2,7 @@
 //! the tests and lints, and starts the demo. One module per task; a new task is a new
 //! module plus one variant of [`Task`].
 
+mod bench;
 mod build;
 mod demo;
 mod exec;
@@ -42,6 +43,8 @@ enum Task {
     Demo,
     /// rustfmt and clippy (with `-D warnings`) over the host crates and the eBPF crate.
     Lint,
+    /// Build, then benchmark weft against kernel VXLAN and the raw underlay (needs root).
+    Bench(bench::Args),
 }
 
 impl Task {
@@ -53,6 +56,7 @@ impl Task {
             Self::Test => "test",
             Self::Demo => "demo",
             Self::Lint => "lint",
+            Self::Bench(_) => "bench",
         }
     }
 }
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
         Task::Test => test::run(&ws),
         Task::Demo => demo::run(&ws),
         Task::Lint => lint::run(&ws),
+        Task::Bench(args) => bench::run(&ws, args),
     });
     let elapsed = started.elapsed().as_secs_f64();
     match result {

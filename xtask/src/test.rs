@@ -43,6 +43,7 @@ pub fn run(ws: &Workspace) -> Result<()> {
         ))
     };
     stages.push(("integration tests", integration));
+    stages.push(("bench smoke run", crate::bench::smoke(ws, &agent)));
 
     stages.push(("lint", lint::run(ws)));
 

@@ -1,0 +1,352 @@
+//! The datapaths the bench compares. A mode brings up its own testbed (two hosts on
+//! the veth underlay, one pod each) and names the two ends traffic runs between.
+//!
+//! Adding a mode is one line in [`registry`]. A weft mode that only differs in the
+//! agent's options (sleeve, encryption, ESP) is a [`WeftMode`] with its extra
+//! arguments and, if it needs a kernel feature, a check that says why it cannot run
+//! here (the mode is then reported as skipped with that reason).
+
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use weft_testbed::{
+    Testbed,
+    bench_topology::add_flat_kernel_vxlan,
+    cmd::{ns_command, output},
+    interrupted, tcx_programs,
+};
+
+use super::TAG;
+
+/// VNI of the kernel-VXLAN baseline (any fixed value costs the kernel the same).
+const KERNEL_VXLAN_VNI: u32 = 1;
+/// How long a mode's two ends may take to reach each other after setup.
+const REACH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One end of a mode's traffic: a network namespace and the address it is reached at.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The network namespace (a host's or a pod's).
+    pub ns: String,
+    /// Its address on the path being measured.
+    pub addr: Ipv4Addr,
+}
+
+/// What modes need to set up.
+pub struct Ctx<'a> {
+    /// The release agent binary.
+    pub agent: &'a Path,
+}
+
+/// A datapath to measure.
+pub trait Mode {
+    /// Its name on the command line and in the table (`raw`, `kernel-vxlan`, ...).
+    fn name(&self) -> &'static str;
+    /// One line on what it is.
+    fn about(&self) -> &'static str;
+    /// Why this machine cannot run it (a missing kernel feature), or `None`.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+    /// Brings it up in a testbed of its own; it stays up until torn down.
+    fn setup(&self, ctx: &Ctx) -> Result<Running>;
+}
+
+/// The registered modes, in the order they are measured (and shown). `raw` and
+/// `kernel-vxlan` are the references every other mode's ratios are taken against.
+pub fn registry() -> Vec<Box<dyn Mode>> {
+    vec![
+        Box::new(Raw),
+        Box::new(KernelVxlan),
+        Box::new(WeftMode {
+            name: "weft-fastdp",
+            about: "pod to pod through weft's eBPF fast datapath",
+            agent_args: &[],
+            requires: None,
+        }),
+    ]
+}
+
+/// Modes picked to run, and the ones skipped with the reason.
+pub type Selection = (Vec<Box<dyn Mode>>, Vec<(&'static str, String)>);
+
+/// The registered modes named in `wanted` (all when empty), in the order given, and
+/// the unavailable ones with the reason. Unknown names are an error listing the known.
+pub fn select(wanted: &[String]) -> Result<Selection> {
+    let mut all = registry();
+    let known: Vec<&str> = all.iter().map(|m| m.name()).collect();
+    let mut picked = Vec::new();
+    if wanted.is_empty() {
+        picked = std::mem::take(&mut all);
+    } else {
+        for w in wanted {
+            let w = w.trim();
+            if picked.iter().any(|m| m.name() == w) {
+                bail!("mode {w:?} given twice");
+            }
+            let Some(i) = all.iter().position(|m| m.name() == w) else {
+                bail!("unknown mode {w:?}; known modes: {}", known.join(", "));
+            };
+            picked.push(all.remove(i));
+        }
+    }
+    let mut available = Vec::new();
+    let mut skipped = Vec::new();
+    for m in picked {
+        match m.unavailable() {
+            Some(reason) => skipped.push((m.name(), reason)),
+            None => available.push(m),
+        }
+    }
+    Ok((available, skipped))
+}
+
+/// A mode that is up: its testbed and the two ends of its traffic.
+pub struct Running {
+    tb: Testbed,
+    /// Where clients run (the sending side of throughput tests).
+    pub client: Endpoint,
+    /// Where servers run.
+    pub server: Endpoint,
+    /// Hosts running a weft agent.
+    agent_hosts: Vec<u8>,
+}
+
+impl Running {
+    /// What the mode's agents report after the run (`weft status --json` per host,
+    /// plus the agent's RSS), or null when it runs none.
+    pub fn diagnostics(&mut self) -> serde_json::Value {
+        if self.agent_hosts.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let mut per_host = serde_json::Map::new();
+        for &n in &self.agent_hosts.clone() {
+            let status = self
+                .tb
+                .status_json(n)
+                .unwrap_or_else(|e| serde_json::json!({ "error": format!("{e:#}") }));
+            let rss = self
+                .tb
+                .agent_pid(n)
+                .ok()
+                .and_then(|pid| super::micro::rss_kib(pid).ok());
+            per_host.insert(
+                format!("host{n}"),
+                serde_json::json!({ "status": status, "rss_kib": rss }),
+            );
+        }
+        serde_json::Value::Object(per_host)
+    }
+
+    /// Whether weft agents run in this mode.
+    pub fn has_agents(&self) -> bool {
+        !self.agent_hosts.is_empty()
+    }
+
+    /// weft's programs attached in this mode: (host label, program name, id), for
+    /// each agent host's underlay (`eth0`) and datapath port (`vethwe-datapath`).
+    pub fn weft_programs(&self) -> Result<Vec<(String, String, u32)>> {
+        let mut out = Vec::new();
+        for &n in &self.agent_hosts {
+            let ns = &self.tb.host(n)?.ns;
+            for dev in ["vethwe-datapath", "eth0"] {
+                for p in tcx_programs(ns, dev)? {
+                    if p.name.starts_with("weft_") {
+                        out.push((format!("host{n}"), p.name, p.id));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops the agents and removes the testbed, reporting what could not be undone.
+    pub fn teardown(self) -> Result<()> {
+        let mut tb = self.tb;
+        let mut errors = Vec::new();
+        for n in self.agent_hosts {
+            if let Err(e) = tb.stop_agent(n) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        if let Err(e) = tb.teardown() {
+            errors.push(format!("{e:#}"));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", errors.join("; "))
+        }
+    }
+}
+
+/// Host to host over the underlay: no overlay, the machine's limit.
+struct Raw;
+
+impl Mode for Raw {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+    fn about(&self) -> &'static str {
+        "host to host over the veth underlay (MTU 1500), no overlay"
+    }
+    fn setup(&self, _ctx: &Ctx) -> Result<Running> {
+        let mut tb = Testbed::with_tag(TAG)?;
+        tb.add_host(0)?;
+        tb.add_host(0)?;
+        let (h1, h2) = (tb.host(1)?.clone(), tb.host(2)?.clone());
+        let r = Running {
+            tb,
+            client: Endpoint {
+                ns: h1.ns,
+                addr: h1.addr,
+            },
+            server: Endpoint {
+                ns: h2.ns,
+                addr: h2.addr,
+            },
+            agent_hosts: Vec::new(),
+        };
+        wait_reachable(&r.client, &r.server)?;
+        Ok(r)
+    }
+}
+
+/// Pod to pod through the Linux bridge and one kernel VXLAN device per host.
+struct KernelVxlan;
+
+impl Mode for KernelVxlan {
+    fn name(&self) -> &'static str {
+        "kernel-vxlan"
+    }
+    fn about(&self) -> &'static str {
+        "pod to pod: bridge + one kernel vxlan device per host, UDP 6784, fixed VNI"
+    }
+    fn setup(&self, _ctx: &Ctx) -> Result<Running> {
+        let mut tb = Testbed::with_tag(TAG)?;
+        tb.add_host(1)?;
+        tb.add_host(1)?;
+        add_flat_kernel_vxlan(&tb, 1, &[2], KERNEL_VXLAN_VNI)?;
+        add_flat_kernel_vxlan(&tb, 2, &[1], KERNEL_VXLAN_VNI)?;
+        pods_running(tb, Vec::new())
+    }
+}
+
+/// Pod to pod with a weft agent on both hosts, started with `agent_args`.
+pub struct WeftMode {
+    /// The mode's name.
+    pub name: &'static str,
+    /// One line on what it is.
+    pub about: &'static str,
+    /// Options given to `weft run` on top of the testbed's.
+    pub agent_args: &'static [&'static str],
+    /// A check of what the mode needs from the kernel: `Err(reason)` skips it.
+    pub requires: Option<fn() -> Result<(), String>>,
+}
+
+impl Mode for WeftMode {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn about(&self) -> &'static str {
+        self.about
+    }
+    fn unavailable(&self) -> Option<String> {
+        self.requires.and_then(|check| check().err())
+    }
+    fn setup(&self, ctx: &Ctx) -> Result<Running> {
+        let mut tb = Testbed::with_tag(TAG)?;
+        tb.add_host(1)?;
+        tb.add_host(1)?;
+        for n in [1, 2] {
+            tb.start_agent(n, ctx.agent, self.agent_args)?;
+        }
+        pods_running(tb, vec![1, 2])
+    }
+}
+
+/// The ends are pod 1 of host 1 (client) and pod 1 of host 2 (server).
+fn pods_running(tb: Testbed, agent_hosts: Vec<u8>) -> Result<Running> {
+    let (p1, p2) = (tb.pod(1, 1)?.clone(), tb.pod(2, 1)?.clone());
+    let r = Running {
+        tb,
+        client: Endpoint {
+            ns: p1.ns,
+            addr: p1.addr,
+        },
+        server: Endpoint {
+            ns: p2.ns,
+            addr: p2.addr,
+        },
+        agent_hosts,
+    };
+    wait_reachable(&r.client, &r.server)?;
+    Ok(r)
+}
+
+/// Pings `to` from `from` until a reply comes, for at most [`REACH_TIMEOUT`].
+fn wait_reachable(from: &Endpoint, to: &Endpoint) -> Result<()> {
+    let start = Instant::now();
+    let to_s = to.addr.to_string();
+    let mut last = String::new();
+    while start.elapsed() < REACH_TIMEOUT {
+        if interrupted() {
+            bail!("interrupted");
+        }
+        let out = output(
+            ns_command(&from.ns, "ping").args(["-n", "-c", "1", "-W", "1", &to_s]),
+            Duration::from_secs(5),
+        )?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!(
+        "{} ({}) got no ping reply from {} ({to_s}) within {REACH_TIMEOUT:?}; last attempt: {last}",
+        from.ns,
+        from.addr,
+        to.ns
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_names_are_unique_and_references_come_first() {
+        let names: Vec<&str> = registry().iter().map(|m| m.name()).collect();
+        assert_eq!(&names[..2], &["raw", "kernel-vxlan"]);
+        for (i, n) in names.iter().enumerate() {
+            assert!(!names[i + 1..].contains(n), "{n} registered twice");
+        }
+    }
+
+    #[test]
+    fn select_keeps_order_and_rejects_unknown_or_repeated() {
+        let (m, skipped) = select(&["weft-fastdp".into(), "raw".into()]).unwrap();
+        let names: Vec<&str> = m.iter().map(|m| m.name()).collect();
+        assert_eq!(names, ["weft-fastdp", "raw"]);
+        assert!(skipped.is_empty());
+        let e = select(&["nope".into()]).err().unwrap();
+        assert!(format!("{e}").contains("known modes: raw"), "{e}");
+        assert!(select(&["raw".into(), "raw".into()]).is_err());
+    }
+
+    #[test]
+    fn a_mode_missing_a_kernel_feature_is_skipped_with_its_reason() {
+        let m = WeftMode {
+            name: "x",
+            about: "",
+            agent_args: &[],
+            requires: Some(|| Err("no esp4".into())),
+        };
+        assert_eq!(m.unavailable().as_deref(), Some("no esp4"));
+    }
+}

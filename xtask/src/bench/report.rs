@@ -1,0 +1,597 @@
+//! Collecting samples, and the two outputs: a Markdown table (medians with min and
+//! max, ratios to `raw` and `kernel-vxlan`) and a JSON file with every raw sample.
+
+use std::{
+    fmt::Write as _,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+
+use super::{
+    Durations,
+    live::LiveCost,
+    measure::{Metric, Sample, UDP_PAYLOAD},
+    micro::{AgentFootprint, MapScale, ProgCost},
+};
+
+/// Reference modes the ratio columns are taken against.
+const RAW: &str = "raw";
+const KERNEL_VXLAN: &str = "kernel-vxlan";
+
+/// A wall-clock time in UTC, seconds since the epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct UtcTime(u64);
+
+/// Now.
+pub fn utc_now() -> UtcTime {
+    UtcTime(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+impl UtcTime {
+    /// (year, month, day, hour, minute, second).
+    fn civil(self) -> (i64, u32, u32, u32, u32, u32) {
+        let days = (self.0 / 86_400) as i64;
+        let rem = self.0 % 86_400;
+        // Howard Hinnant's days-to-civil.
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        (
+            year,
+            month,
+            day,
+            (rem / 3600) as u32,
+            (rem / 60 % 60) as u32,
+            (rem % 60) as u32,
+        )
+    }
+
+    /// `20261012T083005Z`, for directory names.
+    pub fn dir_name(self) -> String {
+        let (y, mo, d, h, mi, s) = self.civil();
+        format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
+    }
+
+    /// `2026-10-12 08:30 UTC`.
+    pub fn human(self) -> String {
+        let (y, mo, d, h, mi, _) = self.civil();
+        format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02} UTC")
+    }
+}
+
+/// Everything one bench run measured.
+pub struct Report {
+    started: UtcTime,
+    quick: bool,
+    rounds: u32,
+    durations: Durations,
+    /// Modes not run: (name, why).
+    pub skipped: Vec<(String, String)>,
+    /// Modes in the order they were measured.
+    modes: Vec<String>,
+    samples: Vec<(u32, String, Sample)>,
+    /// eBPF per-packet costs.
+    pub prog_costs: Vec<ProgCost>,
+    /// weft's programs timed on live traffic.
+    pub live: Vec<LiveCost>,
+    /// Map programming at scale.
+    pub map_scale: Option<MapScale>,
+    /// Agent footprint.
+    pub agent: Option<AgentFootprint>,
+    /// Per mode: what its agents reported after the rounds (null if none).
+    pub diagnostics: Vec<(String, Value)>,
+    /// Wall time of the whole run.
+    pub elapsed: Duration,
+}
+
+/// Median, min and max of some samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    /// Median (mean of the middle two for an even count).
+    pub median: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// Stats of `values`, or `None` if there are none.
+pub fn stats(values: &[f64]) -> Option<Stats> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Stats {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    })
+}
+
+impl Report {
+    /// An empty report.
+    pub fn new(started: UtcTime, quick: bool, rounds: u32, durations: Durations) -> Self {
+        Self {
+            started,
+            quick,
+            rounds,
+            durations,
+            skipped: Vec::new(),
+            modes: Vec::new(),
+            samples: Vec::new(),
+            prog_costs: Vec::new(),
+            live: Vec::new(),
+            map_scale: None,
+            agent: None,
+            diagnostics: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// Records a sample of `mode` in `round`.
+    pub fn add_sample(&mut self, round: u32, mode: &str, sample: Sample) {
+        if !self.modes.iter().any(|m| m == mode) {
+            self.modes.push(mode.to_string());
+        }
+        self.samples.push((round, mode.to_string(), sample));
+    }
+
+    fn values(&self, mode: &str, metric: Metric) -> Vec<f64> {
+        self.samples
+            .iter()
+            .filter(|(_, m, s)| m == mode && s.metric == metric)
+            .map(|(_, _, s)| s.value)
+            .collect()
+    }
+
+    fn stats(&self, mode: &str, metric: Metric) -> Option<Stats> {
+        stats(&self.values(mode, metric))
+    }
+
+    /// `mode`'s median over `reference`'s, if both ran.
+    fn ratio(&self, mode: &str, reference: &str, metric: Metric) -> Option<f64> {
+        let a = self.stats(mode, metric)?.median;
+        let b = self.stats(reference, metric)?.median;
+        (b != 0.0).then(|| a / b)
+    }
+
+    /// Fails unless every mode produced every figure with a finite value above zero,
+    /// and the figures that are not per mode are all there.
+    pub fn check_sane(&self) -> Result<()> {
+        let mut missing = Vec::new();
+        for mode in &self.modes {
+            for metric in Metric::ALL {
+                let v = self.values(mode, metric);
+                if v.is_empty() || v.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+                    missing.push(format!("{mode}: {} = {v:?}", metric.key()));
+                }
+            }
+        }
+        if self.prog_costs.is_empty() || self.prog_costs.iter().any(|c| c.ns_median <= 0.0) {
+            missing.push("eBPF per-packet costs".into());
+        }
+        for c in &self.live {
+            if c.test.starts_with("TCP") && c.runs == 0 {
+                missing.push(format!("{} {} {}: no live runs", c.mode, c.host, c.program));
+            }
+        }
+        match &self.map_scale {
+            Some(s) if s.memlock_total_after() > 0 && s.macs_walked > 0 => {}
+            _ => missing.push("map scale figures".into()),
+        }
+        match &self.agent {
+            Some(a) if a.idle_rss_kib > 0 && a.scale_rss_kib > 0 && a.stripped_bytes > 0 => {}
+            _ => missing.push("agent footprint".into()),
+        }
+        if !missing.is_empty() {
+            bail!("missing or zero: {}", missing.join("; "));
+        }
+        Ok(())
+    }
+
+    /// The Markdown report.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "## weft bench, {}{}\n",
+            self.started.human(),
+            if self.quick {
+                " (--quick smoke run: figures are not comparable)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            s,
+            "Machine: {}. {} round(s), modes interleaved in each round; TCP tests {} s, \
+             request/response {} s, UDP {} s each. Run time {}. Reproduce (as root): \
+             `cargo xtask bench`.\n",
+            machine_line(),
+            self.rounds,
+            self.durations.tcp.as_secs(),
+            self.durations.rr.as_secs(),
+            self.durations.udp.as_secs(),
+            super::fmt_secs(self.elapsed.as_secs_f64()),
+        );
+        let _ = writeln!(
+            s,
+            "Each figure: median over the rounds (min and max beside it); the ratio columns \
+             divide the median by that of `raw` and of `kernel-vxlan`. Pod MTU 1376, \
+             underlay MTU 1500 (raw runs host to host at 1500).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| figure | mode | median | min | max | vs raw | vs kernel-vxlan |\n\
+             |---|---|--:|--:|--:|--:|--:|"
+        );
+        for metric in Metric::ALL {
+            for mode in &self.modes {
+                let Some(st) = self.stats(mode, metric) else {
+                    continue;
+                };
+                let d = metric.decimals();
+                let r = |reference: &str| {
+                    self.ratio(mode, reference, metric)
+                        .map(|x| format!("{x:.2}x"))
+                        .unwrap_or_else(|| "-".into())
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {mode} | {:.d$} | {:.d$} | {:.d$} | {} | {} |",
+                    metric.label(),
+                    st.median,
+                    st.min,
+                    st.max,
+                    r(RAW),
+                    r(KERNEL_VXLAN),
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nUDP: iperf3 `-u -l {UDP_PAYLOAD} -b 0`, packets the receiver got per second. \
+             CPU: busy time of all cores from /proc/stat over the 1-stream test, per GB \
+             received (the whole machine, so other load on it counts too)."
+        );
+        let sizes: Vec<String> = self
+            .modes
+            .iter()
+            .filter_map(|mode| {
+                let v: Vec<f64> = self
+                    .samples
+                    .iter()
+                    .filter(|(_, m, s)| m == mode && s.metric == Metric::Tcp1Gbps)
+                    .filter_map(|(_, _, s)| s.detail["server_eth0_rx_bytes_per_packet"].as_f64())
+                    .collect();
+                stats(&v).map(|st| format!("{mode} {:.0}", st.median))
+            })
+            .collect();
+        if !sizes.is_empty() {
+            let _ = writeln!(
+                s,
+                "Bytes per packet arriving at the server's eth0 in the 1-stream test (above \
+                 1500: GSO super-packets arrived whole): {}.",
+                sizes.join(", ")
+            );
+        }
+        for (name, why) in &self.skipped {
+            let _ = writeln!(s, "\nSkipped mode `{name}`: {why}.");
+        }
+        self.markdown_micro(&mut s);
+        self.markdown_notes(&mut s);
+        s
+    }
+
+    fn markdown_micro(&self, s: &mut String) {
+        if let Some(c) = self.prog_costs.first() {
+            let _ = writeln!(
+                s,
+                "\n### eBPF programs, per packet\n\n`BPF_PROG_TEST_RUN`, {} calls per case, each \
+                 on a fresh copy of the packet (repeat = 1: repeating on one buffer would feed \
+                 an encapsulating program its own output), kernel-timed around the program \
+                 run. Redirects are decided but not carried out; flood copies are sent \
+                 (`bpf_clone_redirect` to a veth).\n",
+                c.runs
+            );
+            let _ = writeln!(
+                s,
+                "| program | path | frame bytes | ns/packet median | mean |\n|---|---|--:|--:|--:|"
+            );
+            for c in &self.prog_costs {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.0} | {:.0} |",
+                    c.program, c.case, c.frame_len, c.ns_median, c.ns_mean
+                );
+            }
+        }
+        if !self.live.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### eBPF programs on live traffic\n\nOne more test per weft mode after the \
+                 rounds, with the kernel's BPF run-time statistics on (they cost every BPF \
+                 program two clock reads per run, so they stay off during the rounds). \
+                 host1 sends, host2 receives; a TCP run handles a GSO super-packet or an \
+                 ACK.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| mode | test | host | program | runs | ns/run |\n|---|---|---|---|--:|--:|"
+            );
+            for c in &self.live {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {:.0} |",
+                    c.mode, c.test, c.host, c.program, c.runs, c.ns_per_run
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n### Control plane and agent\n\n| figure | value |\n|---|--:|"
+        );
+        if let Some(m) = &self.map_scale {
+            let _ = writeln!(
+                s,
+                "| program {} peers into WEFT_PEERS (+ flood list) | {:.1} ms ({:.2} µs/peer) |",
+                m.peers,
+                m.peers_time.as_secs_f64() * 1e3,
+                m.peers_time.as_secs_f64() * 1e6 / f64::from(m.peers)
+            );
+            let _ = writeln!(
+                s,
+                "| program {} learned MACs into WEFT_MACS | {:.1} ms ({:.2} µs/MAC) |",
+                m.macs,
+                m.macs_time.as_secs_f64() * 1e3,
+                m.macs_time.as_secs_f64() * 1e6 / f64::from(m.macs)
+            );
+            let _ = writeln!(
+                s,
+                "| walk all {} MACs (the agent's ageing sweep) | {:.1} ms |",
+                m.macs_walked,
+                m.macs_walk_time.as_secs_f64() * 1e3
+            );
+            let _ = writeln!(
+                s,
+                "| kernel memory of the 6 maps (fdinfo `memlock`), empty / filled | {} / {} |",
+                mib(m.memlock_total_before()),
+                mib(m.memlock_total_after())
+            );
+            let mut by_map: Vec<_> = m.memlock_after.iter().collect();
+            by_map.sort_by(|a, b| b.1.cmp(a.1));
+            let parts: Vec<String> = by_map
+                .iter()
+                .map(|(name, bytes)| format!("{name} {}", mib(**bytes)))
+                .collect();
+            let _ = writeln!(s, "| ... by map | {} |", parts.join(", "));
+        }
+        if let Some(a) = &self.agent {
+            let _ = writeln!(
+                s,
+                "| agent RSS idle, 2 peers (VmRSS; peak VmHWM) | {} ({}) |",
+                kib(a.idle_rss_kib),
+                kib(a.idle_hwm_kib)
+            );
+            let _ = writeln!(
+                s,
+                "| agent RSS with {} peers (VmRSS; peak VmHWM) | {} ({}) |",
+                a.scale_peers,
+                kib(a.scale_rss_kib),
+                kib(a.scale_hwm_kib)
+            );
+            let _ = writeln!(
+                s,
+                "| agent start to \"datapath ready\", 2 / {} peers | {:.0} ms / {:.0} ms |",
+                a.scale_peers,
+                a.idle_ready.as_secs_f64() * 1e3,
+                a.scale_ready.as_secs_f64() * 1e3
+            );
+            let _ = writeln!(
+                s,
+                "| agent binary, as built / stripped (`strip --strip-all`) | {} / {} |",
+                mib(a.binary_bytes),
+                mib(a.stripped_bytes)
+            );
+        }
+    }
+
+    /// Agent RSS after the traffic, and any nonzero drop counters of weft modes.
+    fn markdown_notes(&self, s: &mut String) {
+        let mut notes = Vec::new();
+        for (mode, diag) in &self.diagnostics {
+            let Some(hosts) = diag.as_object() else {
+                continue;
+            };
+            for (host, d) in hosts {
+                if let Some(rss) = d["rss_kib"].as_u64() {
+                    notes.push(format!(
+                        "{mode} {host}: agent RSS after the rounds {}",
+                        kib(rss)
+                    ));
+                }
+                if let Some(e) = d["status"]["error"].as_str() {
+                    notes.push(format!("{mode} {host}: `weft status` failed: {e}"));
+                }
+                if let Some(counters) = d["status"]["counters"].as_object() {
+                    let drops: Vec<String> = counters
+                        .iter()
+                        .filter(|(k, v)| {
+                            (k.starts_with("drop_") || k.starts_with("flood_"))
+                                && v.as_u64().unwrap_or(0) > 0
+                        })
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    if !drops.is_empty() {
+                        notes.push(format!(
+                            "{mode} {host}: datapath counters {}",
+                            drops.join(" ")
+                        ));
+                    }
+                }
+            }
+        }
+        if !notes.is_empty() {
+            let _ = writeln!(s, "\nAfter the rounds:\n");
+            for n in notes {
+                let _ = writeln!(s, "- {n}");
+            }
+        }
+    }
+
+    /// bench.json: settings, every raw sample, the summary and the other figures.
+    pub fn json(&self) -> Value {
+        let samples: Vec<Value> = self
+            .samples
+            .iter()
+            .map(|(round, mode, s)| {
+                json!({
+                    "round": round, "mode": mode, "metric": s.metric.key(),
+                    "value": s.value, "detail": s.detail,
+                })
+            })
+            .collect();
+        let mut summary = Vec::new();
+        for metric in Metric::ALL {
+            for mode in &self.modes {
+                if let Some(st) = self.stats(mode, metric) {
+                    summary.push(json!({
+                        "metric": metric.key(), "mode": mode,
+                        "median": st.median, "min": st.min, "max": st.max,
+                        "vs_raw": self.ratio(mode, RAW, metric),
+                        "vs_kernel_vxlan": self.ratio(mode, KERNEL_VXLAN, metric),
+                    }));
+                }
+            }
+        }
+        json!({
+            "started_utc": self.started.human(),
+            "machine": machine_line(),
+            "quick": self.quick,
+            "rounds": self.rounds,
+            "durations_s": {
+                "tcp": self.durations.tcp.as_secs_f64(),
+                "rr": self.durations.rr.as_secs_f64(),
+                "udp": self.durations.udp.as_secs_f64(),
+            },
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "modes": self.modes,
+            "skipped": self.skipped.iter().map(|(n, w)| json!({"mode": n, "reason": w}))
+                .collect::<Vec<_>>(),
+            "summary": summary,
+            "samples": samples,
+            "ebpf_per_packet": self.prog_costs.iter().map(ProgCost::json).collect::<Vec<_>>(),
+            "ebpf_live": self.live.iter().map(LiveCost::json).collect::<Vec<_>>(),
+            "map_scale": self.map_scale.as_ref().map(MapScale::json),
+            "agent": self.agent.as_ref().map(AgentFootprint::json),
+            "diagnostics": self.diagnostics.iter().map(|(m, d)| json!({"mode": m, "agents": d}))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// `2 CPUs (AMD EPYC ...), Linux 6.18.44`.
+fn machine_line() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{cpus} CPUs ({model}), Linux {kernel}")
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn kib(k: u64) -> String {
+    format!("{:.1} MiB", k as f64 / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_civil_dates() {
+        assert_eq!(UtcTime(0).dir_name(), "19700101T000000Z");
+        // 2024-02-29 12:34:56 UTC (a leap day).
+        assert_eq!(UtcTime(1_709_210_096).dir_name(), "20240229T123456Z");
+        assert_eq!(UtcTime(1_709_210_096).human(), "2024-02-29 12:34 UTC");
+    }
+
+    #[test]
+    fn stats_median_min_max() {
+        assert_eq!(stats(&[]), None);
+        let s = stats(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(stats(&[4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
+    }
+
+    fn sample(metric: Metric, value: f64) -> Sample {
+        Sample {
+            metric,
+            value,
+            detail: Value::Null,
+        }
+    }
+
+    #[test]
+    fn ratios_and_sanity() {
+        let d = Durations::new(true);
+        let mut r = Report::new(UtcTime(0), true, 1, d);
+        for (mode, v) in [("raw", 20.0), ("kernel-vxlan", 10.0), ("weft-fastdp", 12.0)] {
+            for m in Metric::ALL {
+                r.add_sample(1, mode, sample(m, v));
+            }
+        }
+        assert_eq!(r.ratio("weft-fastdp", RAW, Metric::Tcp1Gbps), Some(0.6));
+        assert_eq!(
+            r.ratio("weft-fastdp", KERNEL_VXLAN, Metric::Tcp1Gbps),
+            Some(1.2)
+        );
+        let md = r.markdown();
+        assert!(
+            md.contains(
+                "| TCP 1 stream, Gbit/s | weft-fastdp | 12.0 | 12.0 | 12.0 | 0.60x | 1.20x |"
+            ),
+            "{md}"
+        );
+        // Per-mode figures are complete, but the other figures are missing.
+        let e = r.check_sane().unwrap_err();
+        assert!(format!("{e}").contains("eBPF per-packet costs"), "{e}");
+        r.add_sample(1, "raw", sample(Metric::UdpMpps, 0.0));
+        let e = r.check_sane().unwrap_err();
+        assert!(format!("{e}").contains("raw: udp_64b_mpps_received"), "{e}");
+        assert_eq!(r.json()["samples"].as_array().unwrap().len(), 22);
+    }
+}
