@@ -171,7 +171,7 @@ async fn serve(
         teardown.bridge = Some((bridge.index, bridge.name.clone()));
     }
     teardown.veth_pair = true;
-    let (_port, datapath_link) = net.create_datapath_pair(bridge.index, mtu).await?;
+    let (port_link, datapath_link) = net.create_datapath_pair(bridge.index, mtu).await?;
 
     sync_neighbours(net, underlay.index, &remotes, teardown).await;
     let settings = LocalSettings {
@@ -192,7 +192,7 @@ async fn serve(
     let mut datapath = Datapath::new(BpfMaps::take(ebpf)?);
     // Maps first, then programs: the programs never run unconfigured.
     datapath.apply(&settings, &resolved)?;
-    let attached = loader::attach(ebpf, datapath_link.index, underlay.index)?;
+    let attached = loader::attach(ebpf, port_link.index, underlay.index)?;
     teardown.clsact.extend(attached.clsact_added);
 
     tracing::info!(

@@ -110,16 +110,17 @@ pub struct Attached {
     pub clsact_added: Vec<u32>,
 }
 
-/// Loads both programs and attaches them: encapsulation on ingress of the
-/// datapath port, decapsulation on ingress of the underlay interface (ifindexes).
-pub fn attach(ebpf: &mut Ebpf, datapath_port: u32, underlay: u32) -> Result<Attached, LoaderError> {
+/// Loads both programs and attaches them (ifindexes): encapsulation on egress of
+/// the bridge's datapath port (`vethwe-bridge`), so frames leave for the underlay
+/// before crossing the veth pair; decapsulation on ingress of the underlay.
+pub fn attach(ebpf: &mut Ebpf, bridge_port: u32, underlay: u32) -> Result<Attached, LoaderError> {
     let mut attached = Attached::default();
-    for (name, iface) in [
-        (programs::EGRESS, datapath_port),
-        (programs::INGRESS, underlay),
+    for (name, iface, hook) in [
+        (programs::EGRESS, bridge_port, TcAttachType::Egress),
+        (programs::INGRESS, underlay, TcAttachType::Ingress),
     ] {
         if !uses_tcx() {
-            prepare_netlink(iface, name, &mut attached)?;
+            prepare_netlink(iface, hook, name, &mut attached)?;
         }
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -133,7 +134,7 @@ pub fn attach(ebpf: &mut Ebpf, datapath_port: u32, underlay: u32) -> Result<Atta
                 LoaderError::ProgramLoad { name, source }
             }
         })?;
-        prog.attach(iface, TcAttachType::Ingress)
+        prog.attach(iface, hook)
             .map_err(|source| LoaderError::Attach {
                 name,
                 iface,
@@ -145,9 +146,14 @@ pub fn attach(ebpf: &mut Ebpf, datapath_port: u32, underlay: u32) -> Result<Atta
 
 /// Netlink mode: removes a leftover filter of a previous run and makes sure a
 /// `clsact` qdisc exists, remembering whether weft added it.
-fn prepare_netlink(iface: u32, name: &str, attached: &mut Attached) -> Result<(), LoaderError> {
+fn prepare_netlink(
+    iface: u32,
+    hook: TcAttachType,
+    name: &str,
+    attached: &mut Attached,
+) -> Result<(), LoaderError> {
     let tc_err = |source| LoaderError::Tc { iface, source };
-    match tc::qdisc_detach_program(iface, TcAttachType::Ingress.into(), name) {
+    match tc::qdisc_detach_program(iface, hook.into(), name) {
         Ok(()) => tracing::info!(iface, program = name, "removed a leftover TC filter"),
         Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {

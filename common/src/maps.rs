@@ -33,8 +33,8 @@ pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
 
 /// Programs' names in the eBPF object.
 pub mod programs {
-    /// TC program on the datapath port (`vethwe-datapath`, ingress): encapsulates
-    /// frames leaving the bridge for other hosts.
+    /// TC program on the bridge's datapath port (`vethwe-bridge`, egress):
+    /// encapsulates frames the bridge sends towards other hosts.
     pub const EGRESS: &str = "weft_encap";
     /// TC program on the underlay interface (ingress): decapsulates VXLAN for this host
     /// and hands the inner frame to the bridge.
@@ -50,7 +50,8 @@ pub struct DatapathConfig {
     pub enabled: u32,
     /// ifindex of the underlay interface that carries VXLAN.
     pub underlay_ifindex: u32,
-    /// ifindex of the datapath end of the bridge's veth pair (`vethwe-datapath`).
+    /// ifindex of the datapath end of the bridge's veth pair (`vethwe-datapath`):
+    /// decapsulated frames are sent out of it, into the bridge.
     pub datapath_ifindex: u32,
     /// This host's underlay address (outer source of everything it sends).
     pub local_addr: [u8; 4],

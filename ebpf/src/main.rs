@@ -1,14 +1,16 @@
 //! weft's kernel side: two TC programs that carry bridge frames between hosts in
 //! VXLAN, wire-compatible with Weave Net's fast datapath.
 //!
-//! - [`weft_encap`] runs on ingress of `vethwe-datapath`, where every frame the `weave`
-//!   bridge sends towards other hosts arrives. It picks the peer from the learned MAC
-//!   table (or floods), writes outer IPv4/UDP/VXLAN headers in front of the frame, and
-//!   redirects it out of the underlay interface.
+//! - [`weft_encap`] runs on egress of `vethwe-bridge`, the bridge port through which
+//!   the `weave` bridge sends every frame meant for other hosts. It picks the peer
+//!   from the learned MAC table (or floods), writes outer IPv4/UDP/VXLAN headers in
+//!   front of the frame, and redirects it out of the underlay interface, so the frame
+//!   never crosses the veth pair.
 //! - [`weft_decap`] runs on ingress of the underlay interface. It passes everything
 //!   that is not VXLAN to weft's port untouched, checks that the VNI names this host
 //!   and a known peer sending from its own address, learns the inner source MAC,
-//!   strips the outer headers and redirects the inner frame into the bridge.
+//!   strips the outer headers and sends the inner frame out of `vethwe-datapath`,
+//!   whose peer `vethwe-bridge` delivers it into the bridge.
 //!
 //! Both keep GSO packets whole: growing and shrinking go through
 //! `bpf_skb_adjust_room` with the tunnel flags, so the kernel segments (or the NIC

@@ -17,11 +17,11 @@ fn tcx(tb: &Bed, n: u8, dev: &str) -> Vec<String> {
         .collect()
 }
 
-/// Ids of every program TCX-attached on host `n` (eth0 and vethwe-datapath).
+/// Ids of every program TCX-attached on host `n` (eth0 and the veth pair).
 fn attached_ids(tb: &Bed, n: u8) -> Vec<u32> {
     let ns = tb.host(n).must("host").ns.clone();
     let mut ids = Vec::new();
-    for dev in ["eth0", "vethwe-datapath"] {
+    for dev in ["eth0", "vethwe-bridge", "vethwe-datapath"] {
         ids.extend(
             tcx_programs(&ns, dev)
                 .must("TCX query")
@@ -96,9 +96,13 @@ fn sigterm_leaves_nothing_attached() {
         "host1 eth0 while running"
     );
     assert_eq!(
-        tcx(&tb, 1, "vethwe-datapath"),
-        ["ingress:weft_encap"],
-        "host1 vethwe-datapath while running"
+        tcx(&tb, 1, "vethwe-bridge"),
+        ["egress:weft_encap"],
+        "host1 vethwe-bridge while running"
+    );
+    assert!(
+        tcx(&tb, 1, "vethwe-datapath").is_empty(),
+        "nothing on host1 vethwe-datapath"
     );
     assert!(tb.socket_path(1).exists(), "socket while running");
     let ids = [attached_ids(&tb, 1), attached_ids(&tb, 2)].concat();
@@ -164,9 +168,9 @@ fn restart_after_kill9_reconciles() {
         "one decap program on eth0 after reconcile"
     );
     assert_eq!(
-        tcx(&tb, 2, "vethwe-datapath"),
-        ["ingress:weft_encap"],
-        "one encap program on vethwe-datapath after reconcile"
+        tcx(&tb, 2, "vethwe-bridge"),
+        ["egress:weft_encap"],
+        "one encap program on vethwe-bridge after reconcile"
     );
     tb.stop_agent(2).must("clean stop after reconcile");
     assert_nothing_left(&tb, 2);
