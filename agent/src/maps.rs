@@ -47,7 +47,7 @@ pub trait DatapathMaps {
     fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapsError>;
     /// Inserts or replaces a peer.
     fn set_peer(&mut self, short_id: u16, entry: &PeerEntry) -> Result<(), MapsError>;
-    /// Removes a peer (absent is not an error).
+    /// Removes a peer (clears its slot; absent is not an error).
     fn remove_peer(&mut self, short_id: u16) -> Result<(), MapsError>;
     /// Writes slot `index` of the flood list.
     fn set_flood_slot(&mut self, index: u32, short_id: u16) -> Result<(), MapsError>;
@@ -66,7 +66,7 @@ pub trait DatapathMaps {
 /// The real maps of a loaded eBPF object.
 pub struct BpfMaps {
     config: Array<MapData, DatapathConfig>,
-    peers: HashMap<MapData, u32, PeerEntry>,
+    peers: Array<MapData, PeerEntry>,
     flood: Array<MapData, u32>,
     macs: HashMap<MapData, MacKey, MacEntry>,
     peer_stats: PerCpuArray<MapData, PeerStats>,
@@ -116,7 +116,7 @@ impl DatapathMaps for BpfMaps {
 
     fn set_peer(&mut self, short_id: u16, entry: &PeerEntry) -> Result<(), MapsError> {
         self.peers
-            .insert(&u32::from(short_id), entry, 0)
+            .set(u32::from(short_id), entry, 0)
             .map_err(|source| MapsError::Op {
                 op: "update",
                 name: PEERS_MAP,
@@ -125,11 +125,13 @@ impl DatapathMaps for BpfMaps {
     }
 
     fn remove_peer(&mut self, short_id: u16) -> Result<(), MapsError> {
-        ignore_missing(self.peers.remove(&u32::from(short_id))).map_err(|source| MapsError::Op {
-            op: "delete",
-            name: PEERS_MAP,
-            source,
-        })
+        self.peers
+            .set(u32::from(short_id), &PeerEntry::default(), 0)
+            .map_err(|source| MapsError::Op {
+                op: "clear",
+                name: PEERS_MAP,
+                source,
+            })
     }
 
     fn set_flood_slot(&mut self, index: u32, short_id: u16) -> Result<(), MapsError> {

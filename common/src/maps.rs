@@ -7,7 +7,9 @@ use crate::wire::ShortId;
 
 /// Name of the [`DatapathConfig`] array (one entry, index 0).
 pub const CONFIG_MAP: &str = "WEFT_CONFIG";
-/// Name of the peer table: ShortID (`u32`) -> [`PeerEntry`].
+/// Name of the peer table: an array indexed by ShortID of [`PeerEntry`]; an entry
+/// whose address is 0.0.0.0 is no peer. (ShortIDs are dense 12-bit numbers, so an
+/// array costs 64 KiB and saves a hash lookup per packet in both directions.)
 pub const PEERS_MAP: &str = "WEFT_PEERS";
 /// Name of the flood list: index (`u32`) -> ShortID (`u32`), the first
 /// [`DatapathConfig::flood_count`] entries valid.
@@ -19,7 +21,7 @@ pub const PEER_STATS_MAP: &str = "WEFT_PEER_STATS";
 /// Name of the per-CPU datapath counters, indexed by [`Counter`]: `u64`.
 pub const COUNTERS_MAP: &str = "WEFT_COUNTERS";
 
-/// Capacity of the peer table (every possible ShortID).
+/// Size of the peer table (every possible ShortID).
 pub const MAX_PEERS: u32 = 4096;
 /// Capacity of the learned MAC table.
 pub const MAX_MACS: u32 = 131_072;
@@ -71,12 +73,12 @@ pub struct DatapathConfig {
     pub pad: [u8; 2],
 }
 
-/// One remote peer (map [`PEERS_MAP`], key = ShortID as `u32`).
+/// One remote peer (map [`PEERS_MAP`], index = ShortID).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerEntry {
     /// The peer's underlay address: outer destination towards it, and the only outer
-    /// source accepted from it.
+    /// source accepted from it. 0.0.0.0 marks an empty slot.
     pub addr: [u8; 4],
     /// Reserved for per-peer flags (encryption, overlay in use); zero for now.
     pub flags: u32,
@@ -116,8 +118,8 @@ pub struct MacEntry {
     pub short_id: u32,
     /// Padding, zero.
     pub pad: u32,
-    /// `CLOCK_MONOTONIC` nanoseconds of the last refresh (refreshed at most about
-    /// once a second per MAC to keep the hot path write-free).
+    /// `CLOCK_MONOTONIC` nanoseconds (coarse) of the last refresh (refreshed at most
+    /// about once a second per MAC to keep the hot path write-free).
     pub seen_ns: u64,
 }
 

@@ -68,7 +68,11 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     if !gso && len > cfg.mtu as u32 + ETH_LEN as u32 {
         return Err(Counter::DropTooBig);
     }
-    let inner_eth: [u8; ETH_LEN] = ctx.load(0).map_err(|_| Counter::DropTruncated)?;
+    // The Ethernet header is always in the linear area at TC; load it only if not.
+    let inner_eth: [u8; ETH_LEN] = match read_at(ctx, 0) {
+        Some(eth) => eth,
+        None => ctx.load(0).map_err(|_| Counter::DropTruncated)?,
+    };
     // SAFETY: as above; the hash only reads the skb.
     let hash = unsafe { bpf_get_hash_recalc(skb(ctx)) };
     let mut headers = EncapHeaders::new(

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
 };
 use weft_common::maps::{
     Counter, DatapathConfig, MAX_FLOOD_PEERS, MAX_MACS, MAX_PEERS, MacEntry, MacKey, PeerEntry,
@@ -14,9 +14,9 @@ use weft_common::maps::{
 #[map(name = "WEFT_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
-/// Remote peers by ShortID.
+/// Remote peers, indexed by ShortID (empty slots have address 0.0.0.0).
 #[map(name = "WEFT_PEERS")]
-pub static PEERS: HashMap<u32, PeerEntry> = HashMap::with_max_entries(MAX_PEERS, 0);
+pub static PEERS: Array<PeerEntry> = Array::with_max_entries(MAX_PEERS, 0);
 
 /// ShortIDs a flooded frame is copied to (first `flood_count` entries).
 #[map(name = "WEFT_FLOOD")]
@@ -53,13 +53,16 @@ pub fn config() -> Option<DatapathConfig> {
     Some(*cfg)
 }
 
-/// Looks up a peer by ShortID.
+/// Looks up a peer by ShortID (an array slot: no hashing, inlined by the verifier).
 #[inline(always)]
 pub fn peer(short_id: u32) -> Option<PeerEntry> {
-    // SAFETY: the entry is copied out at once; a concurrent update can at worst give a
-    // mix of old and new address bytes for one packet, which the agent never does
-    // (it only inserts whole entries or removes them).
-    unsafe { PEERS.get(&short_id) }.copied()
+    let entry = PEERS.get(short_id)?;
+    if entry.addr == [0; 4] {
+        return None;
+    }
+    // A copy: the agent replaces whole entries, so at worst one packet sees a mix
+    // of the old and new next-hop MAC.
+    Some(*entry)
 }
 
 /// Adds one frame of `bytes` to a peer's transmit (`tx = true`) or receive counters.

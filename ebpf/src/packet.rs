@@ -10,7 +10,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     programs::TcContext,
 };
 use weft_common::{
@@ -21,7 +21,9 @@ use weft_common::{
 use crate::maps::{MACS, peer};
 
 /// A learned MAC is refreshed in the map at most this often (keeps the receive
-/// path from writing a shared hash entry on every packet).
+/// path from writing a shared hash entry on every packet). MAC times come from the
+/// coarse monotonic clock: a few milliseconds of resolution is plenty for ageing
+/// measured in minutes, and it costs no clock-source read per packet.
 const MAC_REFRESH_NS: u64 = 1_000_000_000;
 
 /// The raw `__sk_buff` behind a TC context.
@@ -104,7 +106,7 @@ pub fn lookup_mac(mac: &[u8; 6], cfg: &DatapathConfig) -> Option<(u32, PeerEntry
     // SAFETY: the entry is copied out at once (see `maps::peer`).
     let entry = unsafe { MACS.get(&key) }.copied()?;
     // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if now.saturating_sub(entry.seen_ns) > cfg.mac_age_secs as u64 * 1_000_000_000 {
         return None;
     }
@@ -120,7 +122,7 @@ pub fn learn_mac(mac: &[u8; 6], short_id: u32) {
     }
     let key = MacKey::new(*mac);
     // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: the entry is copied out at once (see `maps::peer`).
     if let Some(old) = unsafe { MACS.get(&key) }.copied()
         && old.short_id == short_id

@@ -134,15 +134,15 @@ impl Fixture {
     }
 
     fn set_peer(&mut self, id: u32, addr: [u8; 4], next_hop_mac: [u8; 6]) {
-        let mut peers: HashMap<&mut MapData, u32, PeerEntry> =
-            HashMap::try_from(self.ebpf.map_mut(PEERS_MAP).unwrap()).unwrap();
+        let mut peers: Array<&mut MapData, PeerEntry> =
+            Array::try_from(self.ebpf.map_mut(PEERS_MAP).unwrap()).unwrap();
         let entry = PeerEntry {
             addr,
             flags: 0,
             next_hop_mac,
             pad: [0; 2],
         };
-        peers.insert(&id, &entry, 0).unwrap();
+        peers.set(id, &entry, 0).unwrap();
     }
 
     fn learn(&mut self, mac: [u8; 6], id: u32) {

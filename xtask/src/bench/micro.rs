@@ -175,8 +175,7 @@ fn configure(ebpf: &mut Ebpf, underlay: u32) -> Result<()> {
         },
         0,
     )?;
-    let mut peers: HashMap<&mut MapData, u32, PeerEntry> =
-        HashMap::try_from(map_mut(ebpf, PEERS_MAP)?)?;
+    let mut peers: Array<&mut MapData, PeerEntry> = Array::try_from(map_mut(ebpf, PEERS_MAP)?)?;
     for (id, addr, mac) in [(2u32, PEER2, PEER2_MAC), (3, PEER3, PEER3_MAC)] {
         let entry = PeerEntry {
             addr,
@@ -184,7 +183,7 @@ fn configure(ebpf: &mut Ebpf, underlay: u32) -> Result<()> {
             next_hop_mac: mac,
             pad: [0; 2],
         };
-        peers.insert(&id, &entry, 0)?;
+        peers.set(id, &entry, 0)?;
     }
     let mut flood: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, FLOOD_MAP)?)?;
     flood.set(0, &2, 0)?;
@@ -443,8 +442,8 @@ pub fn map_scale(object: &Path) -> Result<MapScale> {
         let memlock_before = memlock(&ebpf)?;
         let start = Instant::now();
         {
-            let mut peers: HashMap<&mut MapData, u32, PeerEntry> =
-                HashMap::try_from(map_mut(&mut ebpf, PEERS_MAP)?)?;
+            let mut peers: Array<&mut MapData, PeerEntry> =
+                Array::try_from(map_mut(&mut ebpf, PEERS_MAP)?)?;
             for id in 0..SCALE_PEERS {
                 let addr = scale_peer_addr(id).octets();
                 let entry = PeerEntry {
@@ -453,7 +452,7 @@ pub fn map_scale(object: &Path) -> Result<MapScale> {
                     next_hop_mac: [0x02, 0xaa, 0, 0, 0, 1],
                     pad: [0; 2],
                 };
-                peers.insert(&id, &entry, 0)?;
+                peers.set(id, &entry, 0)?;
             }
         }
         {
