@@ -259,17 +259,35 @@ async fn serve(
     Ok(())
 }
 
+/// What decides a peer's next hop: the underlay's connected prefixes and the
+/// default gateway. A failed read leaves them empty (then no next hop is known).
+struct UnderlayRoutes {
+    addrs: Vec<(Ipv4Addr, u8)>,
+    gateway: Option<Ipv4Addr>,
+}
+
+impl UnderlayRoutes {
+    async fn read(net: &Netdev, underlay: u32) -> Self {
+        let addrs = net.ipv4_addresses(underlay).await.unwrap_or_default();
+        let gateway = net
+            .default_route()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|(_, gw)| gw);
+        Self { addrs, gateway }
+    }
+
+    fn next_hop(&self, peer: Ipv4Addr) -> Option<Ipv4Addr> {
+        netdev::next_hop(peer, &self.addrs, self.gateway)
+    }
+}
+
 /// The peers as the datapath needs them, with each next hop's MAC from the
 /// neighbour table (zero while unresolved). A failed lookup leaves MACs zero: only
 /// flooded frames suffer, and the next refresh tries again.
 async fn resolve(net: &Netdev, underlay: u32, remotes: &[Peer]) -> Vec<RemotePeer> {
-    let addrs = net.ipv4_addresses(underlay).await.unwrap_or_default();
-    let gateway = net
-        .default_route()
-        .await
-        .ok()
-        .flatten()
-        .and_then(|(_, gw)| gw);
+    let routes = UnderlayRoutes::read(net, underlay).await;
     let neighbours = net.neighbours(underlay).await.unwrap_or_else(|e| {
         tracing::warn!(error = %format!("{e:#}"), "reading the neighbour table");
         Vec::new()
@@ -277,7 +295,8 @@ async fn resolve(net: &Netdev, underlay: u32, remotes: &[Peer]) -> Vec<RemotePee
     remotes
         .iter()
         .map(|p| {
-            let next_hop_mac = netdev::next_hop(p.address, &addrs, gateway)
+            let next_hop_mac = routes
+                .next_hop(p.address)
                 .and_then(|hop| neighbours.iter().find(|(a, _)| *a == hop))
                 .map_or([0; 6], |(_, mac)| *mac);
             RemotePeer {
@@ -292,15 +311,9 @@ async fn resolve(net: &Netdev, underlay: u32, remotes: &[Peer]) -> Vec<RemotePee
 /// Makes sure every peer's next hop has a managed neighbour entry; records the ones
 /// added. Failures only cost flooded frames to that peer, so they are logged.
 async fn sync_neighbours(net: &Netdev, underlay: u32, remotes: &[Peer], teardown: &mut Teardown) {
-    let addrs = net.ipv4_addresses(underlay).await.unwrap_or_default();
-    let gateway = net
-        .default_route()
-        .await
-        .ok()
-        .flatten()
-        .and_then(|(_, gw)| gw);
+    let routes = UnderlayRoutes::read(net, underlay).await;
     for peer in remotes {
-        let Some(hop) = netdev::next_hop(peer.address, &addrs, gateway) else {
+        let Some(hop) = routes.next_hop(peer.address) else {
             tracing::warn!(peer = %peer.address, "no route to peer: flooded frames cannot reach it");
             continue;
         };

@@ -22,6 +22,7 @@ pub mod netns;
 pub mod pcap;
 pub mod peers;
 pub mod signal;
+pub mod synthetic;
 pub mod testbed;
 pub mod traffic;
 

@@ -7,8 +7,6 @@
 //! (unshared by its own thread) holding an underlay veth `ul0`, so flood copies
 //! have a real device to go to.
 
-use std::process::Command;
-
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
@@ -16,10 +14,15 @@ use aya::{
 };
 use weft_common::{
     maps::{
-        CONFIG_MAP, COUNTERS_MAP, Counter, DatapathConfig, FLOOD_MAP, MACS_MAP, MacEntry, MacKey,
-        PEER_STATS_MAP, PEERS_MAP, PeerEntry, PeerStats, programs,
+        CONFIG_MAP, COUNTERS_MAP, Counter, DatapathConfig, MACS_MAP, MacEntry, MacKey,
+        PEER_STATS_MAP, PeerStats, programs,
     },
-    wire::{SRC_PORT_MAX, SRC_PORT_MIN, ipv4_checksum, vni},
+    wire::{SRC_PORT_MAX, SRC_PORT_MIN, vni},
+};
+use weft_testbed::synthetic::{
+    LOCAL, PEER2, PEER2_MAC, PEER3, PEER3_MAC, POD_LOCAL, POD_REMOTE, UL0_MAC, arp_request,
+    encapsulated, fill_scene, fix_ip_checksum, inner_frame, learn, load_datapath, private_underlay,
+    set_peer, src_port_of,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -27,32 +30,9 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_STOLEN: u32 = 4;
 const TC_ACT_REDIRECT: u32 = 7;
 
-const LOCAL: [u8; 4] = [192, 168, 48, 11];
-const PEER2: [u8; 4] = [192, 168, 48, 12];
-const PEER3: [u8; 4] = [192, 168, 48, 13];
-const PEER2_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x12];
-const PEER3_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x13];
-const UL0_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x11];
-const POD_LOCAL: [u8; 6] = [0x02, 0x11, 0, 0, 0, 1];
-const POD_REMOTE: [u8; 6] = [0x02, 0x22, 0, 0, 0, 1];
-const DATAPATH_IFINDEX: u32 = 77;
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A loaded (not attached) datapath in a private network namespace.
 struct Fixture {
     ebpf: Ebpf,
-    underlay: u32,
 }
 
 impl Fixture {
@@ -65,95 +45,18 @@ impl Fixture {
         );
         let object = std::env::var("WEFT_EBPF_OBJECT")
             .expect("WEFT_EBPF_OBJECT not set: run through `cargo xtask test`");
-        // SAFETY: only this test's thread moves to the new namespace.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        sh(&["ip", "link", "set", "lo", "up"]);
-        // This kernel has no dummy driver: a veth pair serves (copies sent to ul0
-        // come out of ul0p, where nothing listens).
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "ul0",
-            "address",
-            "02:aa:00:00:00:11",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ul0p",
-        ]);
-        sh(&["ip", "addr", "add", "192.168.48.11/24", "dev", "ul0"]);
-        sh(&["ip", "link", "set", "ul0p", "up"]);
-        sh(&["ip", "link", "set", "ul0", "up"]);
-        // SAFETY: a valid NUL-terminated name; the lookup runs in this thread's netns.
-        let underlay = unsafe { libc::if_nametoindex(c"ul0".as_ptr()) };
-        assert_ne!(underlay, 0, "ul0 has no ifindex");
-
-        let mut ebpf =
-            Ebpf::load_file(&object).unwrap_or_else(|e| panic!("loading {object}: {e:#}"));
-        for name in [programs::EGRESS, programs::INGRESS] {
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:#?}"));
-        }
-        let mut f = Self { ebpf, underlay };
-        f.configure(2);
-        f.set_peer(2, PEER2, PEER2_MAC);
-        f.set_peer(3, PEER3, PEER3_MAC);
-        let mut flood: Array<&mut MapData, u32> =
-            Array::try_from(f.ebpf.map_mut(FLOOD_MAP).unwrap()).unwrap();
-        flood.set(0, &2, 0).unwrap();
-        flood.set(1, &3, 0).unwrap();
-        f
-    }
-
-    fn configure(&mut self, flood_count: u16) {
-        let mut config: Array<&mut MapData, DatapathConfig> =
-            Array::try_from(self.ebpf.map_mut(CONFIG_MAP).unwrap()).unwrap();
-        let cfg = DatapathConfig {
-            enabled: 1,
-            underlay_ifindex: self.underlay,
-            datapath_ifindex: DATAPATH_IFINDEX,
-            local_addr: LOCAL,
-            local_short_id: 1,
-            vxlan_port: 6784,
-            mtu: 1376,
-            flood_count,
-            mac_age_secs: 300,
-            underlay_mac: UL0_MAC,
-            pad: [0; 2],
-        };
-        config.set(0, &cfg, 0).unwrap();
+        let underlay = private_underlay().unwrap_or_else(|e| panic!("private netns: {e:#}"));
+        let mut ebpf = load_datapath(object.as_ref()).unwrap_or_else(|e| panic!("{e:#}"));
+        fill_scene(&mut ebpf, underlay).unwrap_or_else(|e| panic!("filling maps: {e:#}"));
+        Self { ebpf }
     }
 
     fn set_peer(&mut self, id: u32, addr: [u8; 4], next_hop_mac: [u8; 6]) {
-        let mut peers: Array<&mut MapData, PeerEntry> =
-            Array::try_from(self.ebpf.map_mut(PEERS_MAP).unwrap()).unwrap();
-        let entry = PeerEntry {
-            addr,
-            flags: 0,
-            next_hop_mac,
-            pad: [0; 2],
-        };
-        peers.set(id, &entry, 0).unwrap();
+        set_peer(&mut self.ebpf, id, addr, next_hop_mac).unwrap();
     }
 
     fn learn(&mut self, mac: [u8; 6], id: u32) {
-        let mut macs: HashMap<&mut MapData, MacKey, MacEntry> =
-            HashMap::try_from(self.ebpf.map_mut(MACS_MAP).unwrap()).unwrap();
-        let entry = MacEntry {
-            short_id: id,
-            pad: 0,
-            seen_ns: now_ns(),
-        };
-        macs.insert(&MacKey::new(mac), &entry, 0).unwrap();
+        learn(&mut self.ebpf, mac, id).unwrap();
     }
 
     fn learned(&mut self, mac: [u8; 6]) -> Option<MacEntry> {
@@ -193,57 +96,7 @@ impl Fixture {
     }
 }
 
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// An Ethernet/IPv4/UDP frame from `src` to `dst` with `payload_len` bytes of payload.
-fn inner_frame(dst: [u8; 6], src: [u8; 6], payload_len: usize) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + 8 + payload_len) as u16;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&[10, 32, 1, 1]);
-    ip[16..20].copy_from_slice(&[10, 32, 2, 1]);
-    let c = ipv4_checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&5000u16.to_be_bytes());
-    f.extend_from_slice(&6000u16.to_be_bytes());
-    f.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend((0..payload_len).map(|i| i as u8));
-    f
-}
-
-/// A broadcast ARP request frame.
-fn arp_request(src: [u8; 6]) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x06]);
-    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[10, 32, 1, 1]);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&[10, 32, 2, 1]);
-    f.resize(60, 0);
-    f
-}
-
-/// Writes the expected outer headers for `inner` by hand (independently of
-/// `weft_common::wire::EncapHeaders`), with the given outer MACs and source port.
+/// The expected encapsulation of `inner` from this host to `dst_ip`.
 fn expected_encap(
     inner: &[u8],
     dst_ip: [u8; 4],
@@ -251,38 +104,7 @@ fn expected_encap(
     macs: ([u8; 6], [u8; 6]),
     src_port: u16,
 ) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&macs.1); // destination
-    p.extend_from_slice(&macs.0); // source
-    p.extend_from_slice(&[0x08, 0x00]);
-    let ip_len = (20 + 8 + 8 + inner.len()) as u16;
-    let mut ip = vec![0x45, 0x00];
-    ip.extend_from_slice(&ip_len.to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0x00, 64, 17, 0, 0]);
-    ip.extend_from_slice(&LOCAL);
-    ip.extend_from_slice(&dst_ip);
-    let mut hdr = [0u8; 20];
-    hdr.copy_from_slice(&ip);
-    let csum = ipv4_checksum(&hdr);
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    p.extend_from_slice(&ip);
-    p.extend_from_slice(&src_port.to_be_bytes());
-    p.extend_from_slice(&6784u16.to_be_bytes());
-    p.extend_from_slice(&(ip_len - 20).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(&[0x08, 0, 0, 0]);
-    p.extend_from_slice(&[
-        (vni_value >> 16) as u8,
-        (vni_value >> 8) as u8,
-        vni_value as u8,
-        0,
-    ]);
-    p.extend_from_slice(inner);
-    p
-}
-
-fn src_port_of(packet: &[u8]) -> u16 {
-    u16::from_be_bytes([packet[34], packet[35]])
+    encapsulated(inner, (LOCAL, dst_ip), vni_value, macs, src_port)
 }
 
 #[test]
@@ -381,24 +203,15 @@ fn encap_drops_oversized_and_unconfigured() {
     assert_eq!(action, TC_ACT_OK);
 }
 
-/// A VXLAN frame as peer `src_id` at `src_ip` would send it to this host.
+/// A VXLAN frame as the peer at `src_ip` would send it to this host.
 fn vxlan_from(src_ip: [u8; 4], vni_value: u32, inner: &[u8]) -> Vec<u8> {
-    let mut p = expected_encap(inner, LOCAL, vni_value, (PEER2_MAC, UL0_MAC), 40000);
-    // expected_encap writes LOCAL as the source: swap the addresses.
-    p[26..30].copy_from_slice(&src_ip);
-    p[30..34].copy_from_slice(&LOCAL);
-    fix_ip_checksum(&mut p);
-    p
-}
-
-/// Recomputes the outer IPv4 header checksum (20-byte header at offset 14).
-fn fix_ip_checksum(p: &mut [u8]) {
-    p[24] = 0;
-    p[25] = 0;
-    let mut hdr = [0u8; 20];
-    hdr.copy_from_slice(&p[14..34]);
-    let csum = ipv4_checksum(&hdr);
-    p[24..26].copy_from_slice(&csum.to_be_bytes());
+    encapsulated(
+        inner,
+        (src_ip, LOCAL),
+        vni_value,
+        (PEER2_MAC, UL0_MAC),
+        40000,
+    )
 }
 
 #[test]

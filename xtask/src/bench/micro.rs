@@ -26,12 +26,19 @@ use aya::{
 use serde_json::{Value, json};
 use weft_common::{
     maps::{
-        CONFIG_MAP, DatapathConfig, FLOOD_MAP, MACS_MAP, MAX_FLOOD_PEERS, MacEntry, MacKey,
-        PEERS_MAP, PeerEntry, programs,
+        FLOOD_MAP, MACS_MAP, MAX_FLOOD_PEERS, MacEntry, MacKey, PEERS_MAP, PeerEntry, programs,
     },
-    wire::{ETH_LEN, EncapHeaders, VXLAN_PORT, ipv4_checksum, vni},
+    wire::vni,
 };
-use weft_testbed::{Testbed, cmd::run_in, peers::write_atomic};
+use weft_testbed::{
+    Testbed,
+    cmd::run_in,
+    peers::write_atomic,
+    synthetic::{
+        self, LOCAL, PEER2, PEER2_MAC, POD_LOCAL, POD_REMOTE, UL0_MAC, arp_request, inner_frame,
+        map_mut, monotonic_ns,
+    },
+};
 
 use super::TAG;
 use crate::workspace::find_binary;
@@ -40,18 +47,8 @@ const TC_ACT_OK: u32 = 0;
 const TC_ACT_STOLEN: u32 = 4;
 const TC_ACT_REDIRECT: u32 = 7;
 
-const LOCAL: [u8; 4] = [192, 168, 48, 11];
-const PEER2: [u8; 4] = [192, 168, 48, 12];
-const PEER3: [u8; 4] = [192, 168, 48, 13];
-const PEER2_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x12];
-const PEER3_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x13];
-const UL0_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x11];
-const POD_LOCAL: [u8; 6] = [0x02, 0x11, 0, 0, 0, 1];
-const POD_REMOTE: [u8; 6] = [0x02, 0x22, 0, 0, 0, 1];
-/// ifindex the decapsulation program redirects to (a test run does not follow it).
-const DATAPATH_IFINDEX: u32 = 77;
 /// Overlay MTU.
-const MTU: usize = 1376;
+const MTU: usize = synthetic::MTU as usize;
 
 /// Peers programmed by the scale figures (every 12-bit ShortID).
 pub const SCALE_PEERS: u32 = 4096;
@@ -98,105 +95,9 @@ impl ProgCost {
 fn in_private_netns<T: Send + 'static>(
     f: impl FnOnce(u32) -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let h = std::thread::spawn(move || {
-        // SAFETY: unshare only changes this thread's network namespace; nothing else in
-        // the process depends on it.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-        }
-        // Commands started from this thread inherit its namespace.
-        for args in [
-            &["link", "set", "lo", "up"][..],
-            &[
-                "link",
-                "add",
-                "ul0",
-                "address",
-                "02:aa:00:00:00:11",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "ul0p",
-            ],
-            &["addr", "add", "192.168.48.11/24", "dev", "ul0"],
-            &["link", "set", "ul0p", "up"],
-            &["link", "set", "ul0", "up"],
-        ] {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .context("cannot run `ip`")?;
-            ensure!(
-                out.status.success(),
-                "`ip {}` failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        // SAFETY: a valid NUL-terminated name; looked up in this thread's namespace.
-        let ul0 = unsafe { libc::if_nametoindex(c"ul0".as_ptr()) };
-        ensure!(ul0 != 0, "ul0 has no ifindex");
-        f(ul0)
-    });
+    let h = std::thread::spawn(move || f(synthetic::private_underlay()?));
     h.join()
         .map_err(|_| anyhow!("eBPF bench thread panicked"))?
-}
-
-/// Loads `object` (maps created, programs not yet loaded).
-fn load(object: &Path) -> Result<Ebpf> {
-    Ebpf::load_file(object).with_context(|| format!("loading {}", object.display()))
-}
-
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
-    ebpf.map_mut(name)
-        .with_context(|| format!("the eBPF object has no map {name}"))
-}
-
-/// Fills the config, peers 2 and 3 (resolved next hops) and the flood list.
-fn configure(ebpf: &mut Ebpf, underlay: u32) -> Result<()> {
-    let mut config: Array<&mut MapData, DatapathConfig> =
-        Array::try_from(map_mut(ebpf, CONFIG_MAP)?)?;
-    config.set(
-        0,
-        &DatapathConfig {
-            enabled: 1,
-            underlay_ifindex: underlay,
-            datapath_ifindex: DATAPATH_IFINDEX,
-            local_addr: LOCAL,
-            local_short_id: 1,
-            vxlan_port: VXLAN_PORT,
-            mtu: MTU as u16,
-            flood_count: 2,
-            mac_age_secs: 300,
-            underlay_mac: UL0_MAC,
-            pad: [0; 2],
-        },
-        0,
-    )?;
-    let mut peers: Array<&mut MapData, PeerEntry> = Array::try_from(map_mut(ebpf, PEERS_MAP)?)?;
-    for (id, addr, mac) in [(2u32, PEER2, PEER2_MAC), (3, PEER3, PEER3_MAC)] {
-        let entry = PeerEntry {
-            addr,
-            flags: 0,
-            next_hop_mac: mac,
-            pad: [0; 2],
-        };
-        peers.set(id, &entry, 0)?;
-    }
-    let mut flood: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, FLOOD_MAP)?)?;
-    flood.set(0, &2, 0)?;
-    flood.set(1, &3, 0)?;
-    let mut macs: HashMap<&mut MapData, MacKey, MacEntry> =
-        HashMap::try_from(map_mut(ebpf, MACS_MAP)?)?;
-    let entry = MacEntry {
-        short_id: 2,
-        pad: 0,
-        seen_ns: monotonic_ns(),
-    };
-    macs.insert(&MacKey::new(POD_REMOTE), &entry, 0)?;
-    Ok(())
 }
 
 /// Per-packet cost of each program on each path, `runs` calls each.
@@ -204,21 +105,15 @@ pub fn prog_costs(object: &Path, quick: bool) -> Result<Vec<ProgCost>> {
     let object = object.to_path_buf();
     let runs = test_runs(quick);
     in_private_netns(move |ul0| {
-        let mut ebpf = load(&object)?;
-        for name in [programs::EGRESS, programs::INGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("the eBPF object has no program {name}"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("loading program {name}"))?;
-        }
-        configure(&mut ebpf, ul0)?;
+        let mut ebpf = synthetic::load_datapath(&object)?;
+        synthetic::fill_scene(&mut ebpf, ul0)?;
+        synthetic::learn(&mut ebpf, POD_REMOTE, 2)?;
         let small = inner_frame(POD_REMOTE, POD_LOCAL, 64);
         let full = inner_frame(POD_REMOTE, POD_LOCAL, MTU - 28);
         let arp = arp_request(POD_LOCAL);
         let from_remote_small = vxlan_from_peer2(&inner_frame(POD_LOCAL, POD_REMOTE, 64));
         let from_remote_full = vxlan_from_peer2(&inner_frame(POD_LOCAL, POD_REMOTE, MTU - 28));
+
         let mut not_vxlan = from_remote_small.clone();
         not_vxlan[36..38].copy_from_slice(&53u16.to_be_bytes());
         let cases: [(&'static str, &'static str, &[u8], u32); 6] = [
@@ -316,73 +211,6 @@ fn time_program(
     })
 }
 
-/// An Ethernet/IPv4/UDP frame from `src` to `dst` with `payload_len` payload bytes.
-fn inner_frame(dst: [u8; 6], src: [u8; 6], payload_len: usize) -> Vec<u8> {
-    let mut f = Vec::with_capacity(ETH_LEN + 28 + payload_len);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + 8 + payload_len) as u16;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&[10, 32, 1, 1]);
-    ip[16..20].copy_from_slice(&[10, 32, 2, 1]);
-    let c = ipv4_checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&5000u16.to_be_bytes());
-    f.extend_from_slice(&6000u16.to_be_bytes());
-    f.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend((0..payload_len).map(|i| i as u8));
-    f
-}
-
-/// A broadcast ARP request.
-fn arp_request(src: [u8; 6]) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[10, 32, 1, 1]);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&[10, 32, 2, 1]);
-    f.resize(60, 0);
-    f
-}
-
-/// `inner` encapsulated as peer 2 sends it to this host.
-fn vxlan_from_peer2(inner: &[u8]) -> Vec<u8> {
-    let mut eth = [0u8; ETH_LEN];
-    eth.copy_from_slice(&inner[..ETH_LEN]);
-    let mut h = EncapHeaders::new(
-        &eth,
-        inner.len() as u32,
-        PEER2,
-        LOCAL,
-        40000,
-        VXLAN_PORT,
-        vni(1, 2),
-    );
-    h.set_outer_macs(&PEER2_MAC, &UL0_MAC);
-    let mut p = h.bytes.to_vec();
-    p.extend_from_slice(&inner[ETH_LEN..]);
-    p
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 /// Time and memory to program the maps at scale.
 #[derive(Debug, Clone)]
 pub struct MapScale {
@@ -429,6 +257,17 @@ impl MapScale {
     }
 }
 
+/// `inner` encapsulated as peer 2 sends it to this host.
+fn vxlan_from_peer2(inner: &[u8]) -> Vec<u8> {
+    synthetic::encapsulated(
+        inner,
+        (PEER2, LOCAL),
+        vni(1, 2),
+        (PEER2_MAC, UL0_MAC),
+        40000,
+    )
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -438,7 +277,8 @@ fn ms(d: Duration) -> f64 {
 pub fn map_scale(object: &Path) -> Result<MapScale> {
     let object = object.to_path_buf();
     in_private_netns(move |_| {
-        let mut ebpf = load(&object)?;
+        let mut ebpf =
+            Ebpf::load_file(&object).with_context(|| format!("loading {}", object.display()))?;
         let memlock_before = memlock(&ebpf)?;
         let start = Instant::now();
         {
@@ -699,6 +539,8 @@ fn stripped_size(binary: &Path) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use weft_common::wire::VXLAN_PORT;
+
     use super::*;
 
     #[test]

@@ -1,0 +1,302 @@
+//! Synthetic packets and a private, loaded-but-unattached datapath, for running the
+//! eBPF programs through `BPF_PROG_TEST_RUN` (the eBPF tests and the benchmark's
+//! per-packet costs share them).
+//!
+//! The scene: this host is ShortID 1 at 192.168.48.11 on `ul0`; peers 2 and 3 sit at
+//! .12 and .13 with resolved next-hop MACs; a pod behind peer 2 has MAC
+//! [`POD_REMOTE`], a local pod [`POD_LOCAL`].
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData},
+    programs::SchedClassifier,
+};
+use weft_common::{
+    maps::{
+        CONFIG_MAP, DatapathConfig, FLOOD_MAP, MACS_MAP, MacEntry, MacKey, PEERS_MAP, PeerEntry,
+        programs,
+    },
+    wire::{VXLAN_PORT, ipv4_checksum},
+};
+
+/// This host's underlay address.
+pub const LOCAL: [u8; 4] = [192, 168, 48, 11];
+/// Peer 2's underlay address.
+pub const PEER2: [u8; 4] = [192, 168, 48, 12];
+/// Peer 3's underlay address.
+pub const PEER3: [u8; 4] = [192, 168, 48, 13];
+/// MAC of the next hop towards peer 2.
+pub const PEER2_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x12];
+/// MAC of the next hop towards peer 3.
+pub const PEER3_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x13];
+/// MAC of this host's underlay interface `ul0`.
+pub const UL0_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x11];
+/// A pod on this host.
+pub const POD_LOCAL: [u8; 6] = [0x02, 0x11, 0, 0, 0, 1];
+/// A pod behind peer 2.
+pub const POD_REMOTE: [u8; 6] = [0x02, 0x22, 0, 0, 0, 1];
+/// A made-up ifindex for `vethwe-datapath` (test runs never perform redirects).
+pub const DATAPATH_IFINDEX: u32 = 77;
+/// The overlay MTU configured.
+pub const MTU: u16 = 1376;
+
+/// Moves the calling thread into a fresh network namespace holding `ul0`, a veth
+/// whose peer `ul0p` swallows whatever leaves, and returns `ul0`'s ifindex. Commands
+/// started from this thread afterwards run in that namespace; it dies with the thread.
+pub fn private_underlay() -> Result<u32> {
+    // SAFETY: unshare(CLONE_NEWNET) changes only the calling thread's namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    // The kernel here has no dummy driver: a veth pair serves.
+    let ul0 = [
+        "link",
+        "add",
+        "ul0",
+        "address",
+        "02:aa:00:00:00:11",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ul0p",
+    ];
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &ul0,
+        &["addr", "add", "192.168.48.11/24", "dev", "ul0"],
+        &["link", "set", "ul0p", "up"],
+        &["link", "set", "ul0", "up"],
+    ] {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .context("cannot run `ip`")?;
+        ensure!(
+            out.status.success(),
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // SAFETY: a valid NUL-terminated name, looked up in this thread's namespace.
+    let index = unsafe { libc::if_nametoindex(c"ul0".as_ptr()) };
+    ensure!(index != 0, "ul0 has no ifindex");
+    Ok(index)
+}
+
+/// Loads the eBPF object at `object` and both programs (verified, not attached).
+pub fn load_datapath(object: &Path) -> Result<Ebpf> {
+    let mut ebpf =
+        Ebpf::load_file(object).with_context(|| format!("loading {}", object.display()))?;
+    for name in [programs::EGRESS, programs::INGRESS] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| anyhow!("the verifier rejected {name}: {e:#?}"))?;
+    }
+    Ok(ebpf)
+}
+
+/// A map of `ebpf` by name.
+pub fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    ebpf.map_mut(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))
+}
+
+/// The configuration of the scene, with `flood_count` flood-list entries.
+pub fn config(underlay: u32, flood_count: u16) -> DatapathConfig {
+    DatapathConfig {
+        enabled: 1,
+        underlay_ifindex: underlay,
+        datapath_ifindex: DATAPATH_IFINDEX,
+        local_addr: LOCAL,
+        local_short_id: 1,
+        vxlan_port: VXLAN_PORT,
+        mtu: MTU,
+        flood_count,
+        mac_age_secs: 300,
+        underlay_mac: UL0_MAC,
+        pad: [0; 2],
+    }
+}
+
+/// Writes peer `id` (at `addr`, next hop `next_hop_mac`; all zero = unresolved).
+pub fn set_peer(ebpf: &mut Ebpf, id: u32, addr: [u8; 4], next_hop_mac: [u8; 6]) -> Result<()> {
+    let mut peers: Array<&mut MapData, PeerEntry> = Array::try_from(map_mut(ebpf, PEERS_MAP)?)?;
+    let entry = PeerEntry {
+        addr,
+        flags: 0,
+        next_hop_mac,
+        pad: [0; 2],
+    };
+    peers.set(id, &entry, 0)?;
+    Ok(())
+}
+
+/// Fills the maps with the scene: configuration, peers 2 and 3, both in the flood
+/// list.
+pub fn fill_scene(ebpf: &mut Ebpf, underlay: u32) -> Result<()> {
+    let mut cfg: Array<&mut MapData, DatapathConfig> = Array::try_from(map_mut(ebpf, CONFIG_MAP)?)?;
+    cfg.set(0, &config(underlay, 2), 0)?;
+    set_peer(ebpf, 2, PEER2, PEER2_MAC)?;
+    set_peer(ebpf, 3, PEER3, PEER3_MAC)?;
+    let mut flood: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, FLOOD_MAP)?)?;
+    flood.set(0, &2, 0)?;
+    flood.set(1, &3, 0)?;
+    Ok(())
+}
+
+/// Records `mac` as learned behind peer `id` just now.
+pub fn learn(ebpf: &mut Ebpf, mac: [u8; 6], id: u32) -> Result<()> {
+    let mut macs: HashMap<&mut MapData, MacKey, MacEntry> =
+        HashMap::try_from(map_mut(ebpf, MACS_MAP)?)?;
+    let entry = MacEntry {
+        short_id: id,
+        pad: 0,
+        seen_ns: monotonic_ns(),
+    };
+    macs.insert(&MacKey::new(mac), &entry, 0)?;
+    Ok(())
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the base of the datapath's MAC times).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// An Ethernet/IPv4/UDP frame from `src` to `dst` (pod 10.32.1.1 -> 10.32.2.1) with
+/// `payload_len` payload bytes.
+pub fn inner_frame(dst: [u8; 6], src: [u8; 6], payload_len: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + 28 + payload_len);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload_len) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&[10, 32, 1, 1]);
+    ip[16..20].copy_from_slice(&[10, 32, 2, 1]);
+    let c = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&5000u16.to_be_bytes());
+    f.extend_from_slice(&6000u16.to_be_bytes());
+    f.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend((0..payload_len).map(|i| i as u8));
+    f
+}
+
+/// A broadcast ARP request from `src` (padded to the 60-byte Ethernet minimum).
+pub fn arp_request(src: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[10, 32, 1, 1]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[10, 32, 2, 1]);
+    f.resize(60, 0);
+    f
+}
+
+/// `inner` encapsulated from `src_ip` to `dst_ip` with `vni`, outer MACs
+/// (`src_mac`, `dst_mac`) and UDP source port `src_port`, written byte by byte from
+/// the wire format (independently of `weft_common::wire::EncapHeaders`).
+pub fn encapsulated(
+    inner: &[u8],
+    (src_ip, dst_ip): ([u8; 4], [u8; 4]),
+    vni: u32,
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    src_port: u16,
+) -> Vec<u8> {
+    let mut p = Vec::with_capacity(50 + inner.len());
+    p.extend_from_slice(&dst_mac);
+    p.extend_from_slice(&src_mac);
+    p.extend_from_slice(&[0x08, 0x00]);
+    let ip_len = (20 + 8 + 8 + inner.len()) as u16;
+    p.extend_from_slice(&[0x45, 0x00]);
+    p.extend_from_slice(&ip_len.to_be_bytes());
+    // ID 0, DF, TTL 64, UDP, checksum filled below.
+    p.extend_from_slice(&[0, 0, 0x40, 0x00, 64, 17, 0, 0]);
+    p.extend_from_slice(&src_ip);
+    p.extend_from_slice(&dst_ip);
+    p.extend_from_slice(&src_port.to_be_bytes());
+    p.extend_from_slice(&VXLAN_PORT.to_be_bytes());
+    p.extend_from_slice(&(ip_len - 20).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(&[0x08, 0, 0, 0]);
+    p.extend_from_slice(&[(vni >> 16) as u8, (vni >> 8) as u8, vni as u8, 0]);
+    p.extend_from_slice(inner);
+    fix_ip_checksum(&mut p);
+    p
+}
+
+/// Recomputes the checksum of the outer IPv4 header (20 bytes at offset 14).
+pub fn fix_ip_checksum(p: &mut [u8]) {
+    p[24] = 0;
+    p[25] = 0;
+    let mut hdr = [0u8; 20];
+    hdr.copy_from_slice(&p[14..34]);
+    let csum = ipv4_checksum(&hdr);
+    p[24..26].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// The outer UDP source port of an encapsulated packet.
+pub fn src_port_of(packet: &[u8]) -> u16 {
+    u16::from_be_bytes([packet[34], packet[35]])
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_common::wire::{EncapHeaders, Vxlan, vni};
+
+    use super::*;
+
+    /// The hand-written encapsulation here and `EncapHeaders` (what the eBPF
+    /// program writes) are two implementations of one format: they must agree.
+    #[test]
+    fn encapsulated_agrees_with_encap_headers() {
+        let inner = inner_frame(POD_REMOTE, POD_LOCAL, 100);
+        let p = encapsulated(
+            &inner,
+            (LOCAL, PEER2),
+            vni(2, 1),
+            (UL0_MAC, PEER2_MAC),
+            40000,
+        );
+        let mut eth = [0u8; 14];
+        eth.copy_from_slice(&inner[..14]);
+        let mut h = EncapHeaders::new(
+            &eth,
+            inner.len() as u32,
+            LOCAL,
+            PEER2,
+            40000,
+            VXLAN_PORT,
+            vni(2, 1),
+        );
+        h.set_outer_macs(&UL0_MAC, &PEER2_MAC);
+        assert_eq!(&p[..64], &h.bytes[..]);
+        assert_eq!(&p[50..], &inner[..]);
+        let v = Vxlan::new_checked(&p).expect("a valid VXLAN frame");
+        assert_eq!(v.vni(), 0x002001);
+        assert_eq!(src_port_of(&p), 40000);
+    }
+}
