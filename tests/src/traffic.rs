@@ -232,23 +232,29 @@ fn send(dst: SocketAddr, bytes: u64) -> Result<u64> {
     Ok(sent)
 }
 
-fn receive(listener: TcpListener) -> Result<(u64, Duration)> {
+/// Accepts one connection on `listener` within `timeout` (and unless interrupted);
+/// `who` names the waiting side in errors. The stream is left non-blocking.
+pub fn accept_within(listener: &TcpListener, timeout: Duration, who: &str) -> Result<TcpStream> {
     listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut s = loop {
+    let deadline = Instant::now() + timeout;
+    loop {
         match listener.accept() {
-            Ok((s, _)) => break s,
+            Ok((s, _)) => return Ok(s),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 ensure!(
                     Instant::now() < deadline,
-                    "receiver: no connection within 5 s"
+                    "{who}: no connection within {timeout:?}"
                 );
                 ensure!(!interrupted(), "interrupted");
                 std::thread::sleep(POLL);
             }
-            Err(e) => return Err(e).context("accept"),
+            Err(e) => return Err(e).with_context(|| format!("{who}: accept")),
         }
-    };
+    }
+}
+
+fn receive(listener: TcpListener) -> Result<(u64, Duration)> {
+    let mut s = accept_within(&listener, Duration::from_secs(5), "receiver")?;
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(STALL_TIMEOUT))?;
     let start = Instant::now();

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use weft_testbed::{
     interrupted,
     netns::{join, spawn_in},
+    traffic::accept_within,
 };
 
 /// Longest a single round trip may take before the test fails.
@@ -91,22 +92,7 @@ fn summarize(rtts: &mut [u64], seconds: f64) -> Result<RrResult> {
 /// Accepts one connection and echoes each byte until the client closes it; returns
 /// the bytes echoed.
 fn serve(listener: TcpListener) -> Result<u64> {
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut s = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                ensure!(
-                    Instant::now() < deadline,
-                    "rr server: no connection within 5 s"
-                );
-                ensure!(!interrupted(), "interrupted");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(e).context("rr server: accept"),
-        }
-    };
+    let mut s = accept_within(&listener, Duration::from_secs(5), "rr server")?;
     s.set_nonblocking(false)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(STALL))?;
