@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use weft_common::{
     maps::{DEFAULT_MAC_AGE_SECS, PeerStats},
     wire::ENCAP_OVERHEAD,
@@ -133,13 +133,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Creating the maps proves the BPF privileges; nothing is attached yet.
     let ebpf = loader::load()?;
     let socket = control::bind(&args.socket)?;
+    // From here on a signal must not kill the process before teardown: catch them
+    // now (tokio queues what arrives until the loop listens).
+    let signals = Signals::install()?;
 
     // 2. Kernel state, recorded for teardown.
     let mut teardown = Teardown {
         ebpf: Some(ebpf),
         ..Teardown::default()
     };
-    let result = serve(&args, &net, me, remotes, &underlay, socket, &mut teardown).await;
+    let result = serve(
+        &args,
+        &net,
+        me,
+        remotes,
+        &underlay,
+        socket,
+        signals,
+        &mut teardown,
+    )
+    .await;
     teardown.run(&net).await;
     result
 }
@@ -156,6 +169,27 @@ async fn default_route_iface(net: &Netdev) -> anyhow::Result<String> {
         .context("the default route's interface disappeared: pass --iface")
 }
 
+/// The signals the agent acts on.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the agent's state, handed over once"
+)]
 async fn serve(
     args: &RunArgs,
     net: &Netdev,
@@ -163,6 +197,7 @@ async fn serve(
     remotes: Vec<Peer>,
     underlay: &netdev::Link,
     socket: control::ControlSocket,
+    mut signals: Signals,
     teardown: &mut Teardown,
 ) -> anyhow::Result<()> {
     let mtu = u32::from(args.mtu);
@@ -215,16 +250,13 @@ async fn serve(
     let snapshot_state = state.clone();
     let server = tokio::spawn(socket.serve(move || snapshot(&snapshot_state)));
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut sweep = tokio::time::interval(MAC_SWEEP_INTERVAL);
     let mut refresh = tokio::time::interval(NEXT_HOP_REFRESH_INTERVAL);
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = sighup.recv() => {
+            _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = signals.hup.recv() => {
                 if let Err(e) = reload(args, net, underlay.index, &state, teardown).await {
                     tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous peers");
                 }
