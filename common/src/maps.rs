@@ -161,7 +161,8 @@ pub enum Counter {
     TxUnicast,
     /// Frames flooded (broadcast, multicast, unknown or stale unicast).
     TxFlood,
-    /// Dropped: headers shorter than Ethernet + IPv4 + UDP + VXLAN + Ethernet.
+    /// Dropped: shorter than Ethernet + IPv4 + UDP + VXLAN + Ethernet + a minimal
+    /// payload, or shorter than its IPv4 length says.
     DropTruncated,
     /// Dropped: IPv4 with options addressed to the VXLAN port.
     DropIpOptions,
@@ -177,7 +178,8 @@ pub enum Counter {
     DropUnknownSource,
     /// Dropped: the outer source address is not the address of the peer the VNI names.
     DropSourceMismatch,
-    /// Dropped: a non-GSO frame larger than MTU + Ethernet header.
+    /// Dropped: a non-GSO frame larger than MTU + Ethernet header, or any frame
+    /// too large for one outer IPv4 packet.
     DropTooBig,
     /// Dropped: the kernel refused to grow or shrink the packet.
     DropResizeFailed,

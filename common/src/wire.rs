@@ -46,6 +46,15 @@ pub const INNER_ETH_OFFSET: usize = ETH_LEN + IPV4_LEN + UDP_LEN + VXLAN_LEN;
 /// Length of all headers up to and including the inner Ethernet header.
 pub const ENCAP_HEADERS_LEN: usize = INNER_ETH_OFFSET + ETH_LEN;
 
+/// Shortest inner payload (after the inner Ethernet header) weft decapsulates: an
+/// IPv4 header's worth. Real frames are longer (ARP is 28 bytes); the kernel cannot
+/// shrink a packet below this anyway.
+pub const MIN_INNER_PAYLOAD: usize = IPV4_LEN;
+/// Longest inner frame (Ethernet header included) that fits one outer IPv4 packet:
+/// the 16-bit IPv4 length covers IPv4 + UDP + VXLAN + the inner frame. (A GSO
+/// super-packet larger than this only exists with BIG TCP, which weft refuses.)
+pub const MAX_INNER_FRAME: u32 = 0xffff - (IPV4_LEN + UDP_LEN + VXLAN_LEN) as u32;
+
 /// EtherType of IPv4.
 pub const ETH_P_IPV4: u16 = 0x0800;
 /// IP protocol number of UDP.

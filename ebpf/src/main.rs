@@ -36,8 +36,8 @@ use weft_common::{
     maps::{Counter, DatapathConfig, MAX_FLOOD_PEERS, PeerEntry},
     wire::{
         ENCAP_HEADERS_LEN, ENCAP_OVERHEAD, ETH_LEN, EncapHeaders, INNER_ETH_OFFSET, IPPROTO_UDP,
-        IPV4_FRAG_MASK, IPV4_LEN, VXLAN_FLAG_I, ipv4_checksum, src_port_from_hash, vni, vni_dst,
-        vni_src,
+        IPV4_FRAG_MASK, IPV4_LEN, MAX_INNER_FRAME, MIN_INNER_PAYLOAD, VXLAN_FLAG_I, ipv4_checksum,
+        src_port_from_hash, vni, vni_dst, vni_src,
     },
 };
 
@@ -65,7 +65,7 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     let len = ctx.len();
     // SAFETY: `skb` points at the program's context for the whole run.
     let gso = unsafe { (*skb(ctx)).gso_size } != 0;
-    if !gso && len > cfg.mtu as u32 + ETH_LEN as u32 {
+    if (!gso && len > cfg.mtu as u32 + ETH_LEN as u32) || len > MAX_INNER_FRAME {
         return Err(Counter::DropTooBig);
     }
     // The Ethernet header is always in the linear area at TC; load it only if not.
@@ -255,6 +255,16 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
     }
     if frag & IPV4_FRAG_MASK != 0 {
         return Err(Counter::DropFragment);
+    }
+    // The IP length must cover everything up to the inner frame and fit the packet
+    // (the stack, which would check this, never sees it), and the inner frame must
+    // carry at least a minimal payload (what `bpf_skb_adjust_room` can shrink to).
+    let ip_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
+    if ip_len + ETH_LEN as u32 > ctx.len()
+        || ip_len < (ENCAP_HEADERS_LEN - ETH_LEN) as u32
+        || ctx.len() < (ENCAP_HEADERS_LEN + MIN_INNER_PAYLOAD) as u32
+    {
+        return Err(Counter::DropTruncated);
     }
     let vxlan = read_at::<[u8; 8]>(ctx, ETH_LEN + IPV4_LEN + 8).ok_or(Counter::DropTruncated)?;
     let inner_eth =
