@@ -320,17 +320,22 @@ impl UnderlayRoutes {
 /// flooded frames suffer, and the next refresh tries again.
 async fn resolve(net: &Netdev, underlay: u32, remotes: &[Peer]) -> Vec<RemotePeer> {
     let routes = UnderlayRoutes::read(net, underlay).await;
-    let neighbours = net.neighbours(underlay).await.unwrap_or_else(|e| {
-        tracing::warn!(error = %format!("{e:#}"), "reading the neighbour table");
-        Vec::new()
-    });
+    let neighbours: std::collections::HashMap<Ipv4Addr, [u8; 6]> = net
+        .neighbours(underlay)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "reading the neighbour table");
+            Vec::new()
+        })
+        .into_iter()
+        .collect();
     remotes
         .iter()
         .map(|p| {
             let next_hop_mac = routes
                 .next_hop(p.address)
-                .and_then(|hop| neighbours.iter().find(|(a, _)| *a == hop))
-                .map_or([0; 6], |(_, mac)| *mac);
+                .and_then(|hop| neighbours.get(&hop).copied())
+                .unwrap_or([0; 6]);
             RemotePeer {
                 short_id: p.short_id,
                 addr: p.address,
