@@ -180,3 +180,45 @@ fn own_name_absent_from_peers_file() {
         &[&["aa:00:00:00:00:99"]],
     );
 }
+
+#[test]
+fn no_bpf_privileges() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    // An unprivileged user must be able to reach the binary and the peers file.
+    let dir = std::env::temp_dir().join(format!("weft-nopriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("temp dir: {e}"));
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod dir: {e}"));
+    let copy = dir.join("weft");
+    std::fs::copy(&bin, &copy).unwrap_or_else(|e| panic!("copy agent: {e}"));
+    let peers = dir.join("peers.toml");
+    std::fs::copy(tb.peers_path(1), &peers).unwrap_or_else(|e| panic!("copy peers file: {e}"));
+    std::fs::set_permissions(&peers, std::fs::Permissions::from_mode(0o644))
+        .unwrap_or_else(|e| panic!("chmod: {e}"));
+    let mut args: Vec<String> = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(copy.display().to_string());
+    args.extend(with_arg(
+        tb.agent_args(1).must("args"),
+        "--peers-file",
+        &peers.display().to_string(),
+    ));
+    expect_failure(
+        &tb,
+        Path::new("setpriv"),
+        args,
+        "running as an unprivileged user",
+        &[&["permission denied"], &["root", "cap_bpf"]],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
