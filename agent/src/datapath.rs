@@ -12,7 +12,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use weft_common::maps::{Counter, DatapathConfig, MAX_FLOOD_PEERS, PeerEntry, PeerStats};
+use weft_common::maps::{Counter, DatapathConfig, PeerEntry, PeerStats};
 
 use crate::maps::{DatapathMaps, MapsError};
 
@@ -120,12 +120,9 @@ impl<M: DatapathMaps> Datapath<M> {
             }
         }
 
-        // 2. The flood list and the configuration that counts it.
-        let flood: Vec<u16> = desired
-            .keys()
-            .copied()
-            .take(MAX_FLOOD_PEERS as usize)
-            .collect();
+        // 2. The flood list (every peer: ShortIDs are unique and below MAX_PEERS, so
+        //    it always fits) and the configuration that counts it.
+        let flood: Vec<u16> = desired.keys().copied().collect();
         if flood != self.flood || self.local.as_ref() != Some(local) {
             let shrinking = flood.len() < self.flood.len();
             if shrinking {
@@ -357,15 +354,14 @@ mod tests {
     }
 
     #[test]
-    fn flood_list_is_capped() {
+    fn flood_list_names_every_peer() {
         let mut dp = Datapath::new(FakeMaps::default());
-        let many: Vec<RemotePeer> = (2..200).map(|i| peer(i, (i % 250) as u8)).collect();
+        let many: Vec<RemotePeer> = (2..4096).map(|i| peer(i, (i % 250) as u8)).collect();
         dp.apply(&local(), &many).unwrap();
-        assert_eq!(
-            dp.maps().config.unwrap().flood_count as u32,
-            MAX_FLOOD_PEERS
-        );
-        assert_eq!(dp.maps().peers.len(), 198);
+        assert_eq!(dp.maps().config.unwrap().flood_count, 4094);
+        assert_eq!(dp.maps().flood.len(), 4094);
+        assert_eq!(dp.maps().flood.get(&4093), Some(&4095));
+        assert_eq!(dp.maps().peers.len(), 4094);
     }
 
     #[test]

@@ -9,13 +9,14 @@
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{MapError, ProgramArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         tc::{self, TcError},
     },
     util::KernelVersion,
 };
-use weft_common::maps::programs;
+use weft_common::maps::{JUMP_MAP, programs};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
@@ -32,8 +33,8 @@ pub enum LoaderError {
     /// The object could not be loaded.
     #[error("loading the eBPF object failed")]
     Load(#[source] aya::EbpfError),
-    /// A program is missing from the object or has another type.
-    #[error("eBPF program {0} missing or not a TC classifier")]
+    /// A program or map is missing from the object or has another type.
+    #[error("eBPF object: {0} missing or of another type")]
     Program(&'static str),
     /// The verifier or the kernel rejected a program.
     #[error("loading eBPF program {name} failed")]
@@ -55,6 +56,9 @@ pub enum LoaderError {
         #[source]
         source: ProgramError,
     },
+    /// Filling the encapsulation program's jump table failed.
+    #[error("setting up the flood jump table failed")]
+    JumpTable(#[source] MapError),
     /// Preparing the legacy TC attachment failed.
     #[error("preparing TC on interface {iface} failed")]
     Tc {
@@ -110,31 +114,42 @@ pub struct Attached {
     pub clsact_added: Vec<u32>,
 }
 
+/// The TC program `name` of `ebpf`.
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::Program(name))?
+        .try_into()
+        .map_err(|_| LoaderError::Program(name))
+}
+
 /// Loads both programs and attaches them (ifindexes): encapsulation on egress of
 /// the bridge's datapath port (`vethwe-bridge`), so frames leave for the underlay
 /// before crossing the veth pair; decapsulation on ingress of the underlay.
 pub fn attach(ebpf: &mut Ebpf, bridge_port: u32, underlay: u32) -> Result<Attached, LoaderError> {
-    let mut attached = Attached::default();
-    for (name, iface, hook) in [
+    let hooks = [
         (programs::EGRESS, bridge_port, TcAttachType::Egress),
         (programs::INGRESS, underlay, TcAttachType::Ingress),
-    ] {
-        if !uses_tcx() {
-            prepare_netlink(iface, hook, name, &mut attached)?;
-        }
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(LoaderError::Program(name))?
-            .try_into()
-            .map_err(|_| LoaderError::Program(name))?;
-        prog.load().map_err(|source| {
+    ];
+    for (name, _, _) in hooks {
+        classifier(ebpf, name)?.load().map_err(|source| {
             if is_permission_error(&source) {
                 LoaderError::Permission
             } else {
                 LoaderError::ProgramLoad { name, source }
             }
         })?;
-        prog.attach(iface, hook)
+    }
+    set_jump_table(ebpf)?;
+    let mut attached = Attached::default();
+    for (name, iface, hook) in hooks {
+        if !uses_tcx() {
+            prepare_netlink(iface, hook, name, &mut attached)?;
+        }
+        classifier(ebpf, name)?
+            .attach(iface, hook)
             .map_err(|source| LoaderError::Attach {
                 name,
                 iface,
@@ -142,6 +157,24 @@ pub fn attach(ebpf: &mut Ebpf, bridge_port: u32, underlay: u32) -> Result<Attach
             })?;
     }
     Ok(attached)
+}
+
+/// Points slot 0 of the jump table at the (loaded) encapsulation program, so long
+/// floods continue in a tail call.
+fn set_jump_table(ebpf: &mut Ebpf) -> Result<(), LoaderError> {
+    let fd = classifier(ebpf, programs::EGRESS)?
+        .fd()
+        .map_err(|source| LoaderError::ProgramLoad {
+            name: programs::EGRESS,
+            source,
+        })?
+        .try_clone()
+        .map_err(|e| LoaderError::JumpTable(MapError::IoError(e)))?;
+    let map = ebpf
+        .map_mut(JUMP_MAP)
+        .ok_or(LoaderError::Program(JUMP_MAP))?;
+    let mut jump = ProgramArray::try_from(map).map_err(LoaderError::JumpTable)?;
+    jump.set(0, &fd, 0).map_err(LoaderError::JumpTable)
 }
 
 /// Netlink mode: removes a leftover filter of a previous run and makes sure a

@@ -14,6 +14,10 @@ pub const PEERS_MAP: &str = "WEFT_PEERS";
 /// Name of the flood list: index (`u32`) -> ShortID (`u32`), the first
 /// [`DatapathConfig::flood_count`] entries valid.
 pub const FLOOD_MAP: &str = "WEFT_FLOOD";
+/// Name of the encapsulation program's jump table: a program array whose slot 0
+/// the agent sets to `weft_encap` itself, so a flood to more peers than one run
+/// may copy to ([`FLOOD_PEERS_PER_RUN`]) continues in a tail call.
+pub const JUMP_MAP: &str = "WEFT_JUMP";
 /// Name of the learned MAC table: [`MacKey`] -> [`MacEntry`] (LRU hash).
 pub const MACS_MAP: &str = "WEFT_MACS";
 /// Name of the per-CPU per-peer counters, indexed by ShortID: [`PeerStats`].
@@ -25,10 +29,11 @@ pub const COUNTERS_MAP: &str = "WEFT_COUNTERS";
 pub const MAX_PEERS: u32 = 4096;
 /// Capacity of the learned MAC table.
 pub const MAX_MACS: u32 = 131_072;
-/// How many peers one flooded frame (broadcast, multicast, unknown unicast) is copied to.
-/// The eBPF loop is bounded by this; peers past it are counted in
-/// [`Counter::FloodTruncated`].
-pub const MAX_FLOOD_PEERS: u32 = 64;
+/// How many flood copies one run of `weft_encap` makes (its loop is bounded by this
+/// for the verifier). Longer flood lists continue in tail calls of the program
+/// itself; with the kernel's limit of 33 tail calls, every possible peer
+/// ([`MAX_PEERS`] = 32 runs x 128) is reached.
+pub const FLOOD_PEERS_PER_RUN: u32 = 128;
 
 /// Default age after which a learned MAC is forgotten (the Linux bridge's default).
 pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
@@ -188,7 +193,8 @@ pub enum Counter {
     /// A flood copy (or a non-IP unicast frame) was not sent: the next hop towards
     /// that peer has no resolved Ethernet address yet.
     FloodNoNeighbour,
-    /// A flood copy was not sent: more peers than [`MAX_FLOOD_PEERS`].
+    /// A flood stopped early: the tail call that continues it failed (the jump
+    /// table is not set up).
     FloodTruncated,
     /// Dropped: the agent has not configured the datapath (yet).
     DropNotConfigured,

@@ -33,7 +33,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    maps::{Counter, DatapathConfig, MAX_FLOOD_PEERS, PeerEntry},
+    maps::{Counter, DatapathConfig, FLOOD_PEERS_PER_RUN, PeerEntry},
     wire::{
         ENCAP_HEADERS_LEN, ENCAP_OVERHEAD, ETH_LEN, EncapHeaders, INNER_ETH_OFFSET, IPPROTO_UDP,
         IPV4_FRAG_MASK, IPV4_LEN, MAX_INNER_FRAME, MIN_INNER_PAYLOAD, VXLAN_FLAG_I, ipv4_checksum,
@@ -42,7 +42,7 @@ use weft_common::{
 };
 
 use crate::{
-    maps::{FLOOD, config, count, count_peer, peer},
+    maps::{FLOOD, JUMP, config, count, count_peer, peer, set_flood_cursor, take_flood_cursor},
     packet::{
         grow, is_ip, learn_mac, lookup_mac, next_hop_mac, read_at, shrink, skb, store_headers,
     },
@@ -62,6 +62,9 @@ pub fn weft_encap(ctx: TcContext) -> i32 {
 
 fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     let cfg = config().ok_or(Counter::DropNotConfigured)?;
+    if let Some(start) = take_flood_cursor() {
+        return flood_continue(ctx, &cfg, start);
+    }
     let len = ctx.len();
     // SAFETY: `skb` points at the program's context for the whole run.
     let gso = unsafe { (*skb(ctx)).gso_size } != 0;
@@ -139,7 +142,8 @@ fn unicast_to(
     Ok(action as i32)
 }
 
-/// Copies the frame to every peer in the flood list.
+/// Starts a flood: grows the frame once and copies it to the peers of the flood
+/// list, the first [`FLOOD_PEERS_PER_RUN`] in this run.
 #[inline(always)]
 fn flood(
     ctx: &TcContext,
@@ -147,12 +151,37 @@ fn flood(
     headers: &mut EncapHeaders,
     len: u32,
 ) -> Result<i32, Counter> {
-    let n = cfg.flood_count as u32;
-    if n == 0 {
+    if cfg.flood_count == 0 {
         return Err(Counter::DropNoPeers);
     }
     grow(ctx, is_ip(ctx))?;
-    for i in 0..MAX_FLOOD_PEERS {
+    count(Counter::TxFlood);
+    flood_run(ctx, cfg, headers, len, 0)
+}
+
+/// Continues a flood in a tail-called run: the frame is already encapsulated (for
+/// the last peer of the previous run), so only the destination changes.
+#[inline(always)]
+fn flood_continue(ctx: &TcContext, cfg: &DatapathConfig, start: u32) -> Result<i32, Counter> {
+    let mut headers: EncapHeaders = ctx.load(0).map_err(|_| Counter::DropTruncated)?;
+    let len = ctx.len().saturating_sub(ENCAP_OVERHEAD as u32);
+    flood_run(ctx, cfg, &mut headers, len, start)
+}
+
+/// Copies the encapsulated frame to flood-list entries `start..`, at most
+/// [`FLOOD_PEERS_PER_RUN`] of them, then hands the rest to a tail call of this
+/// program. The original frame is consumed.
+#[inline(always)]
+fn flood_run(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    headers: &mut EncapHeaders,
+    len: u32,
+    start: u32,
+) -> Result<i32, Counter> {
+    let n = cfg.flood_count as u32;
+    for k in 0..FLOOD_PEERS_PER_RUN {
+        let i = start + k;
         if i >= n {
             break;
         }
@@ -173,10 +202,15 @@ fn flood(
             count_peer(short_id, len, true);
         }
     }
-    if n > MAX_FLOOD_PEERS {
+    let next = start + FLOOD_PEERS_PER_RUN;
+    if next < n {
+        set_flood_cursor(next);
+        // SAFETY: slot 0 holds this very program; on success control never returns.
+        unsafe { JUMP.tail_call(ctx, 0) };
+        // Still here: the tail call failed (empty slot or the kernel's limit).
+        take_flood_cursor();
         count(Counter::FloodTruncated);
     }
-    count(Counter::TxFlood);
     Ok(TC_ACT_STOLEN)
 }
 

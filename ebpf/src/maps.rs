@@ -3,11 +3,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray, ProgramArray},
 };
 use weft_common::maps::{
-    Counter, DatapathConfig, MAX_FLOOD_PEERS, MAX_MACS, MAX_PEERS, MacEntry, MacKey, PeerEntry,
-    PeerStats,
+    Counter, DatapathConfig, MAX_MACS, MAX_PEERS, MacEntry, MacKey, PeerEntry, PeerStats,
 };
 
 /// Datapath settings (one entry). See [`DatapathConfig`].
@@ -20,7 +19,29 @@ pub static PEERS: Array<PeerEntry> = Array::with_max_entries(MAX_PEERS, 0);
 
 /// ShortIDs a flooded frame is copied to (first `flood_count` entries).
 #[map(name = "WEFT_FLOOD")]
-pub static FLOOD: Array<u32> = Array::with_max_entries(MAX_FLOOD_PEERS, 0);
+pub static FLOOD: Array<u32> = Array::with_max_entries(MAX_PEERS, 0);
+
+/// `weft_encap` itself at slot 0, for continuing long floods in a tail call.
+#[map(name = "WEFT_JUMP")]
+pub static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Where a flood continues in the next run of `weft_encap` (per CPU).
+///
+/// A tail call jumps straight into the next run on the same CPU with nothing in
+/// between, so a per-CPU slot set just before the call and cleared at the start of
+/// the next run cannot be seen by another packet.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct FloodCursor {
+    /// Nonzero while a tail call is continuing a flood.
+    pub active: u32,
+    /// Index in the flood list of the next peer to copy to.
+    pub next: u32,
+}
+
+/// Per-CPU [`FloodCursor`] (one entry).
+#[map(name = "WEFT_FLOOD_CURSOR")]
+pub static FLOOD_CURSOR: PerCpuArray<FloodCursor> = PerCpuArray::with_max_entries(1, 0);
 
 /// Inner MAC -> peer, learned from decapsulated frames.
 #[map(name = "WEFT_MACS")]
@@ -79,4 +100,26 @@ pub fn count_peer(short_id: u32, bytes: u32, tx: bool) {
             s.rx_bytes += bytes as u64;
         }
     }
+}
+
+/// Marks that the next run of `weft_encap` on this CPU continues a flood at `next`.
+#[inline(always)]
+pub fn set_flood_cursor(next: u32) {
+    if let Some(c) = FLOOD_CURSOR.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, touched only by this CPU while the program runs.
+        unsafe { *c = FloodCursor { active: 1, next } };
+    }
+}
+
+/// Clears the flood cursor, returning where the flood continues if one was set.
+#[inline(always)]
+pub fn take_flood_cursor() -> Option<u32> {
+    let c = FLOOD_CURSOR.get_ptr_mut(0)?;
+    // SAFETY: as in `set_flood_cursor`.
+    let cursor = unsafe { &mut *c };
+    if cursor.active == 0 {
+        return None;
+    }
+    cursor.active = 0;
+    Some(cursor.next)
 }

@@ -11,13 +11,13 @@ use std::{path::Path, process::Command};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, HashMap, Map, MapData, ProgramArray},
     programs::SchedClassifier,
 };
 use weft_common::{
     maps::{
-        CONFIG_MAP, DatapathConfig, FLOOD_MAP, MACS_MAP, MacEntry, MacKey, PEERS_MAP, PeerEntry,
-        programs,
+        CONFIG_MAP, DatapathConfig, FLOOD_MAP, JUMP_MAP, MACS_MAP, MacEntry, MacKey, PEERS_MAP,
+        PeerEntry, programs,
     },
     wire::{VXLAN_PORT, ipv4_checksum},
 };
@@ -89,7 +89,8 @@ pub fn private_underlay() -> Result<u32> {
     Ok(index)
 }
 
-/// Loads the eBPF object at `object` and both programs (verified, not attached).
+/// Loads the eBPF object at `object` and both programs (verified, not attached),
+/// with the encapsulation program's jump table filled as the agent fills it.
 pub fn load_datapath(object: &Path) -> Result<Ebpf> {
     let mut ebpf =
         Ebpf::load_file(object).with_context(|| format!("loading {}", object.display()))?;
@@ -101,6 +102,13 @@ pub fn load_datapath(object: &Path) -> Result<Ebpf> {
         prog.load()
             .map_err(|e| anyhow!("the verifier rejected {name}: {e:#?}"))?;
     }
+    let encap: &SchedClassifier = ebpf
+        .program(programs::EGRESS)
+        .context("no encapsulation program")?
+        .try_into()?;
+    let fd = encap.fd()?.try_clone()?;
+    let mut jump = ProgramArray::try_from(map_mut(&mut ebpf, JUMP_MAP)?)?;
+    jump.set(0, &fd, 0)?;
     Ok(ebpf)
 }
 

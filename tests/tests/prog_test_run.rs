@@ -14,13 +14,13 @@ use aya::{
 };
 use weft_common::{
     maps::{
-        CONFIG_MAP, COUNTERS_MAP, Counter, DatapathConfig, MACS_MAP, MacEntry, MacKey,
-        PEER_STATS_MAP, PeerStats, programs,
+        CONFIG_MAP, COUNTERS_MAP, Counter, DatapathConfig, FLOOD_MAP, FLOOD_PEERS_PER_RUN,
+        MACS_MAP, MacEntry, MacKey, PEER_STATS_MAP, PeerStats, programs,
     },
     wire::{SRC_PORT_MAX, SRC_PORT_MIN, vni},
 };
 use weft_testbed::synthetic::{
-    LOCAL, PEER2, PEER2_MAC, PEER3, PEER3_MAC, POD_LOCAL, POD_REMOTE, UL0_MAC, arp_request,
+    self, LOCAL, PEER2, PEER2_MAC, PEER3, PEER3_MAC, POD_LOCAL, POD_REMOTE, UL0_MAC, arp_request,
     encapsulated, fill_scene, fix_ip_checksum, inner_frame, learn, load_datapath, private_underlay,
     set_peer, src_port_of,
 };
@@ -33,6 +33,7 @@ const TC_ACT_REDIRECT: u32 = 7;
 /// A loaded (not attached) datapath in a private network namespace.
 struct Fixture {
     ebpf: Ebpf,
+    underlay: u32,
 }
 
 impl Fixture {
@@ -48,7 +49,7 @@ impl Fixture {
         let underlay = private_underlay().unwrap_or_else(|e| panic!("private netns: {e:#}"));
         let mut ebpf = load_datapath(object.as_ref()).unwrap_or_else(|e| panic!("{e:#}"));
         fill_scene(&mut ebpf, underlay).unwrap_or_else(|e| panic!("filling maps: {e:#}"));
-        Self { ebpf }
+        Self { ebpf, underlay }
     }
 
     fn set_peer(&mut self, id: u32, addr: [u8; 4], next_hop_mac: [u8; 6]) {
@@ -151,6 +152,48 @@ fn encap_broadcast_floods_every_peer_with_resolved_macs() {
     assert_eq!(f.peer_stats(3).tx_packets, 1, "peer 3 got a copy");
     assert_eq!(f.counter(Counter::TxFlood), 1);
     assert_eq!(f.counter(Counter::FloodNoNeighbour), 0);
+}
+
+/// A flood list longer than one program run copies to ([`FLOOD_PEERS_PER_RUN`])
+/// continues in tail calls: every peer gets exactly one copy.
+#[test]
+fn encap_floods_every_peer_beyond_one_run_through_tail_calls() {
+    let mut f = Fixture::new();
+    let peers = 2 * FLOOD_PEERS_PER_RUN + 44; // three runs
+    let mut flood: Array<&mut MapData, u32> =
+        Array::try_from(f.ebpf.map_mut(FLOOD_MAP).unwrap()).unwrap();
+    for i in 0..peers {
+        flood.set(i, &(i + 2), 0).unwrap();
+    }
+    for i in 0..peers {
+        let id = i + 2;
+        let addr = [10, 200, (id >> 8) as u8, id as u8];
+        f.set_peer(id, addr, [0x02, 0xbb, 0, 0, (id >> 8) as u8, id as u8]);
+    }
+    let mut config: Array<&mut MapData, DatapathConfig> =
+        Array::try_from(f.ebpf.map_mut(CONFIG_MAP).unwrap()).unwrap();
+    config
+        .set(0, &synthetic::config(f.underlay, peers as u16), 0)
+        .unwrap();
+    let (action, out) = f.run(programs::EGRESS, &arp_request(POD_LOCAL));
+    assert_eq!(action, TC_ACT_STOLEN);
+    for i in 0..peers {
+        assert_eq!(
+            f.peer_stats(i + 2).tx_packets,
+            1,
+            "peer {} got one copy",
+            i + 2
+        );
+    }
+    assert_eq!(f.counter(Counter::FloodTruncated), 0, "no run gave up");
+    assert_eq!(f.counter(Counter::TxFlood), 1, "one flooded frame");
+    // The last copy went to the last peer of the list.
+    let last = peers + 1;
+    assert_eq!(&out[30..34], &[10, 200, (last >> 8) as u8, last as u8]);
+    assert_eq!(
+        &out[0..6],
+        &[0x02, 0xbb, 0, 0, (last >> 8) as u8, last as u8]
+    );
 }
 
 #[test]

@@ -25,9 +25,7 @@ use aya::{
 };
 use serde_json::{Value, json};
 use weft_common::{
-    maps::{
-        FLOOD_MAP, MACS_MAP, MAX_FLOOD_PEERS, MacEntry, MacKey, PEERS_MAP, PeerEntry, programs,
-    },
+    maps::{FLOOD_MAP, MACS_MAP, MacEntry, MacKey, PEERS_MAP, PeerEntry, programs},
     wire::vni,
 };
 use weft_testbed::{
@@ -298,7 +296,7 @@ pub fn map_scale(object: &Path) -> Result<MapScale> {
         {
             let mut flood: Array<&mut MapData, u32> =
                 Array::try_from(map_mut(&mut ebpf, FLOOD_MAP)?)?;
-            for i in 0..MAX_FLOOD_PEERS.min(SCALE_PEERS) {
+            for i in 0..SCALE_PEERS {
                 flood.set(i, &i, 0)?;
             }
         }
@@ -362,7 +360,11 @@ fn memlock(ebpf: &Ebpf) -> Result<BTreeMap<String, u64>> {
     let mut out = BTreeMap::new();
     for (name, map) in ebpf.maps() {
         let data = match map {
-            Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => d,
+            Map::Array(d)
+            | Map::HashMap(d)
+            | Map::LruHashMap(d)
+            | Map::PerCpuArray(d)
+            | Map::ProgramArray(d) => d,
             _ => bail!("map {name} has a type the bench does not expect"),
         };
         let fd = data.fd().as_fd().as_raw_fd();
