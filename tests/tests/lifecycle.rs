@@ -175,3 +175,70 @@ fn restart_after_kill9_reconciles() {
     tb.stop_agent(2).must("clean stop after reconcile");
     assert_nothing_left(&tb, 2);
 }
+
+/// Without `--iface` the agent takes the interface of the IPv4 default route.
+#[test]
+fn underlay_defaults_to_the_default_route_interface() {
+    let bin = agent_bin();
+    let mut tb = bed(2, 1);
+    let ns1 = tb.host(1).must("host").ns.clone();
+    ns_exec(
+        &ns1,
+        &[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.48.1",
+            "dev",
+            "eth0",
+        ],
+    )
+    .must("default route on host1");
+    start_agents(&mut tb, &bin, &[2]);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    let mut args = tb.agent_args(1).must("args");
+    let i = args.iter().position(|a| a == "--iface").expect("--iface");
+    args.drain(i..i + 2);
+    let log = tb.dir().join("default-iface.log");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns1])
+        .arg(&bin)
+        .args(&args)
+        .stdout(std::fs::File::create(&log).expect("log file"))
+        .stderr(std::fs::File::create(log.with_extension("err")).expect("log file"))
+        .spawn()
+        .expect("start the agent");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+        if text.contains("datapath ready") || Instant::now() > deadline {
+            break text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("agent exited ({status}) without --iface:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        text.contains("datapath ready") && text.contains("underlay=eth0"),
+        "expected the agent to pick eth0 from the default route:\n{text}"
+    );
+    let (p1, p2) = (
+        tb.pod(1, 1).must("pod").clone(),
+        tb.pod(2, 1).must("pod").clone(),
+    );
+    wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic with the default interface");
+    // SAFETY: kill with a valid pid and signal number.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0, "SIGTERM the agent");
+    let status = child.wait().expect("wait for the agent");
+    assert!(status.success(), "agent exit status {status}");
+    assert!(
+        links_with_prefix(&ns1, "vethwe-")
+            .must("ip link")
+            .is_empty(),
+        "veth pair removed"
+    );
+}
