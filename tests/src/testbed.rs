@@ -277,6 +277,22 @@ impl Testbed {
         Ok(n)
     }
 
+    /// Gives host `n` an IPv4 default route via 192.168.48.1 on `eth0` (an address
+    /// nobody holds: enough for route lookups, never for traffic).
+    pub fn add_default_route(&self, n: u8) -> Result<()> {
+        let ns = &self.host(n)?.ns;
+        let args = [
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.48.1",
+            "dev",
+            "eth0",
+        ];
+        run_in(ns, "ip", &args).map(drop)
+    }
+
     /// Creates bridge `weave` on host `n` if absent (MTU [`OVERLAY_MTU`], up).
     pub fn ensure_bridge(&mut self, n: u8) -> Result<()> {
         let ns = self.host(n)?.ns.clone();

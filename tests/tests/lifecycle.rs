@@ -182,20 +182,7 @@ fn underlay_defaults_to_the_default_route_interface() {
     let bin = agent_bin();
     let mut tb = bed(2, 1);
     let ns1 = tb.host(1).must("host").ns.clone();
-    ns_exec(
-        &ns1,
-        &[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.48.1",
-            "dev",
-            "eth0",
-        ],
-    )
-    .must("default route on host1");
+    tb.add_default_route(1).must("default route on host1");
     start_agents(&mut tb, &bin, &[2]);
     tb.write_peers(1, &[1, 2]).must("peers");
     let mut args = tb.agent_args(1).must("args");

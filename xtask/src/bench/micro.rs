@@ -30,7 +30,6 @@ use weft_common::{
 };
 use weft_testbed::{
     Testbed,
-    cmd::run_in,
     peers::write_atomic,
     synthetic::{
         self, LOCAL, PEER2, PEER2_MAC, POD_LOCAL, POD_REMOTE, UL0_MAC, arp_request, inner_frame,
@@ -440,21 +439,7 @@ pub fn agent_footprint(agent: &Path) -> Result<AgentFootprint> {
     let mut tb = Testbed::with_tag(TAG)?;
     tb.add_host(0)?;
     tb.add_host(0)?;
-    let ns = tb.host(1)?.ns.clone();
-    run_in(
-        &ns,
-        "ip",
-        &[
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.48.1",
-            "dev",
-            "eth0",
-        ],
-    )?;
-
+    tb.add_default_route(1)?;
     tb.write_peers(1, &[1, 2])?;
     let (idle_ready, idle_rss_kib, idle_hwm_kib) = start_and_measure(&mut tb, agent)?;
     tb.stop_agent(1)?;
