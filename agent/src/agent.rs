@@ -345,20 +345,36 @@ async fn resolve(net: &Netdev, underlay: u32, remotes: &[Peer]) -> Vec<RemotePee
         .collect()
 }
 
-/// Makes sure every peer's next hop has a managed neighbour entry; records the ones
-/// added. Failures only cost flooded frames to that peer, so they are logged.
+/// Makes sure every peer's next hop has a managed neighbour entry, and removes the
+/// entries this run added for next hops no peer uses any more (after a reload).
+/// Failures only cost flooded frames to that peer, so they are logged.
 async fn sync_neighbours(net: &Netdev, underlay: u32, remotes: &[Peer], teardown: &mut Teardown) {
     let routes = UnderlayRoutes::read(net, underlay).await;
+    let mut needed = Vec::new();
     for peer in remotes {
-        let Some(hop) = routes.next_hop(peer.address) else {
-            tracing::warn!(peer = %peer.address, "no route to peer: flooded frames cannot reach it");
-            continue;
-        };
-        if teardown.neighbours.contains(&(underlay, hop)) {
+        match routes.next_hop(peer.address) {
+            Some(hop) => needed.push((underlay, hop)),
+            None => tracing::warn!(
+                peer = %peer.address,
+                "no route to peer: flooded frames cannot reach it"
+            ),
+        }
+    }
+    let mut kept = Vec::new();
+    for (index, hop) in std::mem::take(&mut teardown.neighbours) {
+        if needed.contains(&(index, hop)) {
+            kept.push((index, hop));
+        } else if let Err(e) = net.delete_neighbour(index, hop).await {
+            tracing::warn!(error = %format!("{e:#}"), "removing an unused neighbour entry");
+        }
+    }
+    teardown.neighbours = kept;
+    for (index, hop) in needed {
+        if teardown.neighbours.contains(&(index, hop)) {
             continue;
         }
-        match net.add_managed_neighbour(underlay, hop).await {
-            Ok(true) => teardown.neighbours.push((underlay, hop)),
+        match net.add_managed_neighbour(index, hop).await {
+            Ok(true) => teardown.neighbours.push((index, hop)),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "neighbour"),
         }
