@@ -10,17 +10,17 @@ use anyhow::{Result, ensure};
 
 use crate::{
     cmd::run_in,
-    testbed::{BRIDGE, OVERLAY_MTU, Testbed, VXLAN_PORT},
+    testbed::{Testbed, add_bridged_vxlan},
 };
 
 /// Name of the device [`add_flat_kernel_vxlan`] creates.
 pub const FLAT_VXLAN_DEV: &str = "vxlan0";
 
 /// Puts one kernel VXLAN device [`FLAT_VXLAN_DEV`] on host `n`, VNI `vni`, UDP
-/// [`VXLAN_PORT`], bound to the host's underlay address, with the outer headers weft
-/// writes too (TTL 64, DF set, UDP checksum 0), as a port of bridge `weave` (MTU
-/// [`OVERLAY_MTU`]). Every host in `peers` gets an all-zero FDB entry, so frames the
-/// bridge sends out of the device go to them.
+/// [`crate::testbed::VXLAN_PORT`], bound to the host's underlay address, with the
+/// outer headers weft writes too (TTL 64, DF set, UDP checksum 0), as a port of
+/// bridge `weave` (MTU [`crate::testbed::OVERLAY_MTU`]). Every host in `peers` gets
+/// an all-zero FDB entry, so frames the bridge sends out of the device go to them.
 ///
 /// With one peer the device does not learn (the all-zero entry is the only
 /// destination, the cheapest kernel path). With several it learns remote MACs from
@@ -36,51 +36,8 @@ pub fn add_flat_kernel_vxlan(tb: &Testbed, n: u8, peers: &[u8], vni: u32) -> Res
     let host = tb.host(n)?;
     let ns = host.ns.as_str();
     let vni_s = vni.to_string();
-    let port = VXLAN_PORT.to_string();
     let local = host.addr.to_string();
-    let learning = if peers.len() == 1 {
-        "nolearning"
-    } else {
-        "learning"
-    };
-    run_in(
-        ns,
-        "ip",
-        &[
-            "link",
-            "add",
-            FLAT_VXLAN_DEV,
-            "type",
-            "vxlan",
-            "id",
-            &vni_s,
-            "dstport",
-            &port,
-            "local",
-            &local,
-            learning,
-            "ttl",
-            "64",
-            "df",
-            "set",
-            "noudpcsum",
-        ],
-    )?;
-    let mtu = OVERLAY_MTU.to_string();
-    run_in(
-        ns,
-        "ip",
-        &[
-            "link",
-            "set",
-            FLAT_VXLAN_DEV,
-            "mtu",
-            &mtu,
-            "master",
-            BRIDGE,
-            "up",
-        ],
-    )?;
+    add_bridged_vxlan(ns, FLAT_VXLAN_DEV, &vni_s, &local, peers.len() != 1)?;
     for &p in peers {
         let dst = tb.host(p)?.addr.to_string();
         run_in(

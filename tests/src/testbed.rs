@@ -396,36 +396,7 @@ impl Testbed {
         let rx_vni = (u32::from(me.short_id()) << 12 | u32::from(other.short_id())).to_string();
         let tx_vni = (u32::from(other.short_id()) << 12 | u32::from(me.short_id())).to_string();
         let local = me.addr.to_string();
-        let port = VXLAN_PORT.to_string();
-        run_in(
-            &ns,
-            "ip",
-            &[
-                "link",
-                "add",
-                &dev,
-                "type",
-                "vxlan",
-                "id",
-                &rx_vni,
-                "dstport",
-                &port,
-                "local",
-                &local,
-                "nolearning",
-                "ttl",
-                "64",
-                "df",
-                "set",
-                "noudpcsum",
-            ],
-        )?;
-        let mtu = OVERLAY_MTU.to_string();
-        run_in(
-            &ns,
-            "ip",
-            &["link", "set", &dev, "mtu", &mtu, "master", BRIDGE, "up"],
-        )?;
+        add_bridged_vxlan(&ns, &dev, &rx_vni, &local, false)?;
         run_in(
             &ns,
             "bridge",
@@ -630,6 +601,48 @@ pub fn cleanup_stale(tag: &str) -> Result<Vec<String>> {
     } else {
         bail!("cleaning up stale testbeds: {}", errors.join("; "))
     }
+}
+
+/// Creates a kernel VXLAN device `dev` in namespace `ns` with Weave's fast-datapath
+/// settings (UDP 6784, TTL 64, DF, no UDP checksum), receive VNI `vni` and local
+/// address `local`, with or without FDB learning, and enslaves it to `weave` at the
+/// overlay MTU. Remote destinations are FDB entries the caller adds.
+pub(crate) fn add_bridged_vxlan(
+    ns: &str,
+    dev: &str,
+    vni: &str,
+    local: &str,
+    learning: bool,
+) -> Result<()> {
+    let port = VXLAN_PORT.to_string();
+    let learn = if learning { "learning" } else { "nolearning" };
+    let add = [
+        "link",
+        "add",
+        dev,
+        "type",
+        "vxlan",
+        "id",
+        vni,
+        "dstport",
+        &port,
+        "local",
+        local,
+        learn,
+        "ttl",
+        "64",
+        "df",
+        "set",
+        "noudpcsum",
+    ];
+    run_in(ns, "ip", &add)?;
+    let mtu = OVERLAY_MTU.to_string();
+    run_in(
+        ns,
+        "ip",
+        &["link", "set", dev, "mtu", &mtu, "master", BRIDGE, "up"],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
