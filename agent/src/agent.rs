@@ -208,7 +208,8 @@ async fn serve(
     teardown.veth_pair = true;
     let (port_link, datapath_link) = net.create_datapath_pair(bridge.index, mtu).await?;
 
-    sync_neighbours(net, underlay.index, &remotes, teardown).await;
+    let routes = UnderlayRoutes::read(net, underlay.index).await;
+    sync_neighbours(net, underlay.index, &routes, &remotes, teardown).await;
     let settings = LocalSettings {
         short_id: me.short_id,
         addr: me.address,
@@ -219,7 +220,7 @@ async fn serve(
         mac_age_secs: DEFAULT_MAC_AGE_SECS,
         underlay_mac: underlay.mac,
     };
-    let resolved = resolve(net, underlay.index, &remotes).await;
+    let resolved = resolve(net, underlay.index, &routes, &remotes).await;
     let ebpf = teardown
         .ebpf
         .as_mut()
@@ -263,7 +264,8 @@ async fn serve(
             }
             _ = refresh.tick() => {
                 let remotes = state.lock().unwrap_or_else(PoisonError::into_inner).remotes.clone();
-                let resolved = resolve(net, underlay.index, &remotes).await;
+                let routes = UnderlayRoutes::read(net, underlay.index).await;
+                let resolved = resolve(net, underlay.index, &routes, &remotes).await;
                 let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
                 // A reload may have replaced the peers meanwhile: apply only if not.
                 if s.remotes == remotes {
@@ -318,8 +320,12 @@ impl UnderlayRoutes {
 /// The peers as the datapath needs them, with each next hop's MAC from the
 /// neighbour table (zero while unresolved). A failed lookup leaves MACs zero: only
 /// flooded frames suffer, and the next refresh tries again.
-async fn resolve(net: &Netdev, underlay: u32, remotes: &[Peer]) -> Vec<RemotePeer> {
-    let routes = UnderlayRoutes::read(net, underlay).await;
+async fn resolve(
+    net: &Netdev,
+    underlay: u32,
+    routes: &UnderlayRoutes,
+    remotes: &[Peer],
+) -> Vec<RemotePeer> {
     let neighbours: std::collections::HashMap<Ipv4Addr, [u8; 6]> = net
         .neighbours(underlay)
         .await
@@ -348,8 +354,13 @@ async fn resolve(net: &Netdev, underlay: u32, remotes: &[Peer]) -> Vec<RemotePee
 /// Makes sure every peer's next hop has a managed neighbour entry, and removes the
 /// entries this run added for next hops no peer uses any more (after a reload).
 /// Failures only cost flooded frames to that peer, so they are logged.
-async fn sync_neighbours(net: &Netdev, underlay: u32, remotes: &[Peer], teardown: &mut Teardown) {
-    let routes = UnderlayRoutes::read(net, underlay).await;
+async fn sync_neighbours(
+    net: &Netdev,
+    underlay: u32,
+    routes: &UnderlayRoutes,
+    remotes: &[Peer],
+    teardown: &mut Teardown,
+) {
     let mut needed = Vec::new();
     for peer in remotes {
         match routes.next_hop(peer.address) {
@@ -391,8 +402,9 @@ async fn reload(
 ) -> anyhow::Result<()> {
     let peers = PeersFile::load(&args.peers_file)?;
     let (me, remotes) = peers.split(&args.name)?;
-    sync_neighbours(net, underlay, &remotes, teardown).await;
-    let resolved = resolve(net, underlay, &remotes).await;
+    let routes = UnderlayRoutes::read(net, underlay).await;
+    sync_neighbours(net, underlay, &routes, &remotes, teardown).await;
+    let resolved = resolve(net, underlay, &routes, &remotes).await;
     let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
     let settings = LocalSettings {
         short_id: me.short_id,

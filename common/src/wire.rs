@@ -164,6 +164,23 @@ impl EncapHeaders {
         dst_port: u16,
         vni: u32,
     ) -> Self {
+        let mut headers =
+            Self::without_destination(inner_eth, inner_len, src_ip, src_port, dst_port);
+        headers.set_destination(dst_ip, vni);
+        headers
+    }
+
+    /// Like [`EncapHeaders::new`], but with the outer destination, the VNI and the
+    /// IPv4 checksum left zero: the datapath builds the headers once per frame and
+    /// then calls [`EncapHeaders::set_destination`] once per copy it sends.
+    #[inline(always)]
+    pub fn without_destination(
+        inner_eth: &[u8; ETH_LEN],
+        inner_len: u32,
+        src_ip: [u8; 4],
+        src_port: u16,
+        dst_port: u16,
+    ) -> Self {
         let mut b = [0u8; ENCAP_HEADERS_LEN];
         b[field::ETH_TYPE..field::ETH_TYPE + 2].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
         // IPv4: version 4, IHL 5; TOS 0; ID 0 (atomic datagram, RFC 6864).
@@ -180,9 +197,7 @@ impl EncapHeaders {
         b[field::UDP_LEN..field::UDP_LEN + 2].copy_from_slice(&udp_len.to_be_bytes());
         b[field::VXLAN] = VXLAN_FLAG_I;
         b[field::INNER_ETH..field::INNER_ETH + ETH_LEN].copy_from_slice(inner_eth);
-        let mut headers = Self { bytes: b };
-        headers.set_destination(dst_ip, vni);
-        headers
+        Self { bytes: b }
     }
 
     /// Points the headers at another peer: outer destination address and VNI, with the

@@ -83,14 +83,13 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     };
     // SAFETY: as above; the hash only reads the skb.
     let hash = unsafe { bpf_get_hash_recalc(skb(ctx)) };
-    let mut headers = EncapHeaders::new(
+    // Destination, VNI and checksum are filled per copy by `set_destination`.
+    let mut headers = EncapHeaders::without_destination(
         &inner_eth,
         len,
         cfg.local_addr,
-        [0; 4],
         src_port_from_hash(hash),
         cfg.vxlan_port,
-        0,
     );
 
     let dst_mac = [

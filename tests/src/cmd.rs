@@ -155,28 +155,25 @@ pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     run(ns_command(ns, program).args(args))
 }
 
-/// Waits up to `timeout` for `child` to exit. `Ok(None)` on timeout.
+/// Waits up to `timeout` for `child` to exit. `Ok(None)` on timeout; an error if a
+/// signal interrupted the run first.
 pub(crate) fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().context("waitpid failed")? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        if interrupted() {
-            bail!("interrupted by a signal");
-        }
-        thread::sleep(POLL);
-    }
+    wait_for(child, timeout, true)
 }
 
-/// Waits up to `timeout` for `child` to exit, ignoring interrupts. `Ok(None)` on
-/// timeout.
+/// Waits up to `timeout` for `child` to exit, ignoring interrupts (for teardown).
+/// `Ok(None)` on timeout.
 pub(crate) fn wait_uninterruptible(
     child: &mut Child,
     timeout: Duration,
+) -> Result<Option<ExitStatus>> {
+    wait_for(child, timeout, false)
+}
+
+fn wait_for(
+    child: &mut Child,
+    timeout: Duration,
+    interruptible: bool,
 ) -> Result<Option<ExitStatus>> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -185,6 +182,9 @@ pub(crate) fn wait_uninterruptible(
         }
         if Instant::now() >= deadline {
             return Ok(None);
+        }
+        if interruptible && interrupted() {
+            bail!("interrupted by a signal");
         }
         thread::sleep(POLL);
     }
