@@ -23,14 +23,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),
-    ("tshark", "tshark"),
     ("bpftool", "bpftool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
     ("bridge", "iproute2"),
-    ("ethtool", "ethtool"),
-    ("ps", "procps"),
     ("sysctl", "procps"),
+    ("tc", "iproute2"),
+    ("strip", "binutils"),
+    ("setpriv", "util-linux"),
 ];
 
 /// How much setup reports.
