@@ -1,14 +1,23 @@
-//! The agent's lifecycle: set up, serve, reload, tear down.
+//! The agent's lifecycle: set up or adopt the datapath, serve, reload, stop; and
+//! `weft reset`.
 //!
-//! Setup order is chosen so that a failure at any step leaves nothing behind: the
-//! peers file and interface are validated and the control socket is claimed before
-//! the kernel is touched, and every kernel object created is recorded in
-//! [`Teardown`], which runs on every exit path (error, SIGINT, SIGTERM).
+//! The datapath outlives the agent. Its devices are ordinary kernel objects, its
+//! programs stay attached through links pinned on bpffs and its maps are pinned
+//! too ([`loader`]), so forwarding goes on while no agent runs: SIGTERM and SIGINT
+//! stop the agent and leave the datapath as it is, and a starting agent adopts what
+//! it finds (maps, programs, devices) instead of rebuilding it. `weft reset`
+//! removes everything weft created, as `weave reset` does.
+//!
+//! Setup order is chosen so that a failure leaves nothing behind: the peers file and
+//! interface are validated and the control socket is claimed before the kernel is
+//! touched, and what this run created is recorded in [`Rollback`], undone if setup
+//! fails or is interrupted before the datapath is ready. Anything adopted from an
+//! earlier run is left as it was.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
+    path::Path,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
 };
 
 use anyhow::{Context, bail};
@@ -19,70 +28,59 @@ use weft_common::{
 };
 
 use crate::{
-    cli::RunArgs,
+    cli::{ResetArgs, RunArgs},
     control,
-    datapath::{Datapath, LocalSettings, RemotePeer, monotonic_ns},
-    loader,
+    datapath::{Datapath, LocalSettings, RemotePeer},
+    loader::{self, PinDir},
     maps::BpfMaps,
     netdev::{self, Netdev},
     peers::{Peer, PeersFile},
     status::{Connection, ConnectionState, Direction, Overlay, Status},
 };
 
-/// How often learned MACs are swept for expiry.
-const MAC_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-/// How often peers' next-hop MACs are refreshed from the neighbour table.
-const NEXT_HOP_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Kernel objects this run created, removed in reverse on exit.
+/// What this run created, removed again if setup does not complete.
 #[derive(Default)]
-struct Teardown {
-    /// The loaded object: dropping it detaches and unloads the programs.
-    ebpf: Option<aya::Ebpf>,
-    /// The datapath veth pair exists.
-    veth_pair: bool,
-    /// The bridge, if this run created it: (ifindex, name).
+struct Rollback {
+    /// The bridge: (ifindex, name).
     bridge: Option<(u32, String)>,
-    /// Managed neighbour entries added: (ifindex, address).
-    neighbours: Vec<(u32, Ipv4Addr)>,
-    /// Links on which a `clsact` qdisc was added (netlink TC mode).
-    clsact: Vec<u32>,
+    /// weft's VXLAN device: ifindex.
+    vxlan: Option<u32>,
+    /// The pin directory, if this run created it.
+    pins: Option<PinDir>,
 }
 
-impl Teardown {
-    async fn run(mut self, net: &Netdev) {
-        // Programs first, so nothing redirects into devices that are going away.
-        drop(self.ebpf.take());
-        for (index, addr) in self.neighbours.drain(..) {
-            if let Err(e) = net.delete_neighbour(index, addr).await {
-                tracing::warn!(error = %format!("{e:#}"), "cleanup");
-            }
+impl Rollback {
+    async fn run(self, net: &Netdev) {
+        // Pins first: the links go, so nothing forwards into devices that are going.
+        if let Some(pins) = self.pins
+            && let Err(e) = pins.remove()
+        {
+            tracing::warn!(error = %e, "cleanup: removing pins");
         }
-        for index in self.clsact.drain(..) {
-            if let Err(e) = net.delete_clsact(index).await {
-                tracing::warn!(error = %format!("{e:#}"), "cleanup");
-            }
-        }
-        if self.veth_pair
-            && let Err(e) = net.delete_datapath_pair().await
+        if let Some(index) = self.vxlan
+            && let Err(e) = net.delete_link(index, netdev::VXLAN_DEVICE).await
         {
             tracing::warn!(error = %format!("{e:#}"), "cleanup");
         }
-        if let Some((index, name)) = self.bridge.take() {
-            // Remove a bridge we created only if nothing else (pods) uses it.
-            match net.bridge_ports(index).await {
-                Ok(ports) if ports.is_empty() => {
-                    if let Err(e) = net.delete_link(index, &name).await {
-                        tracing::warn!(error = %format!("{e:#}"), "cleanup");
-                    }
-                }
-                Ok(ports) => {
-                    tracing::info!(bridge = %name, ?ports, "bridge still has ports; left in place")
-                }
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "cleanup"),
+        if let Some((index, name)) = self.bridge {
+            delete_bridge_if_unused(net, index, &name).await;
+        }
+    }
+}
+
+/// Deletes a bridge weft created, unless something other than weft's own device
+/// is attached to it (pods).
+async fn delete_bridge_if_unused(net: &Netdev, index: u32, name: &str) {
+    match net.bridge_ports(index).await {
+        Ok(ports) if ports.iter().all(|p| p == netdev::VXLAN_DEVICE) => {
+            if let Err(e) = net.delete_link(index, name).await {
+                tracing::warn!(error = %format!("{e:#}"), "cleanup");
             }
         }
-        tracing::info!("datapath removed");
+        Ok(ports) => {
+            tracing::info!(bridge = %name, ?ports, "bridge still has ports; left in place")
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cleanup"),
     }
 }
 
@@ -97,7 +95,8 @@ struct State {
 
 type Shared = Arc<Mutex<State>>;
 
-/// `weft run`: runs the agent until SIGINT or SIGTERM.
+/// `weft run`: sets up (or adopts) the datapath and runs the agent until SIGINT or
+/// SIGTERM, which leave the datapath forwarding.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // 1. Everything that can be checked without changing the system.
     let peers = PeersFile::load(&args.peers_file)?;
@@ -130,31 +129,49 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             underlay.mtu
         );
     }
-    // Creating the maps proves the BPF privileges; nothing is attached yet.
-    let ebpf = loader::load()?;
-    let socket = control::bind(&args.socket)?;
-    // From here on a signal must not kill the process before teardown: catch them
+    tracing::info!(underlay = %underlay.name, mtu = underlay.mtu, "underlay checked");
+    let pins = PinDir::for_current_netns(&args.bpffs)
+        .context("reading this network namespace's cookie")?;
+    let fresh_pins = !pins.exists();
+    // Creating (or opening) the maps proves the BPF privileges; nothing is attached.
+    let ebpf = match loader::load(&pins) {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            if fresh_pins {
+                let _ = pins.remove();
+            }
+            return Err(e.into());
+        }
+    };
+    let mut rollback = Rollback {
+        pins: fresh_pins.then(|| pins.clone()),
+        ..Rollback::default()
+    };
+    let socket = match control::bind(&args.socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            drop(ebpf);
+            rollback.run(&net).await;
+            return Err(e.into());
+        }
+    };
+    // From here on a signal must not kill the process before cleanup: catch them
     // now (tokio queues what arrives until the loop listens).
     let signals = Signals::install()?;
 
-    // 2. Kernel state, recorded for teardown.
-    let mut teardown = Teardown {
-        ebpf: Some(ebpf),
-        ..Teardown::default()
-    };
-    let result = serve(
+    // 2. Kernel state; what this run creates is recorded for rollback.
+    serve(
         &args,
         &net,
         me,
         remotes,
-        &underlay,
+        &pins,
+        ebpf,
         socket,
         signals,
-        &mut teardown,
+        &mut rollback,
     )
-    .await;
-    teardown.run(&net).await;
-    result
+    .await
 }
 
 async fn default_route_iface(net: &Netdev) -> anyhow::Result<String> {
@@ -184,8 +201,18 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
         })
     }
+
+    /// Waits for SIGTERM or SIGINT, naming which came.
+    async fn stop(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
+/// Sets up the devices, maps and programs (rolling back on failure or a stop
+/// signal during setup), then serves until stopped.
 #[expect(
     clippy::too_many_arguments,
     reason = "the agent's state, handed over once"
@@ -195,51 +222,30 @@ async fn serve(
     net: &Netdev,
     me: Peer,
     remotes: Vec<Peer>,
-    underlay: &netdev::Link,
+    pins: &PinDir,
+    mut ebpf: aya::Ebpf,
     socket: control::ControlSocket,
     mut signals: Signals,
-    teardown: &mut Teardown,
+    rollback: &mut Rollback,
 ) -> anyhow::Result<()> {
-    let mtu = u32::from(args.mtu);
-    let (bridge, created) = net.ensure_bridge(&args.bridge, mtu).await?;
-    if created {
-        teardown.bridge = Some((bridge.index, bridge.name.clone()));
-    }
-    teardown.veth_pair = true;
-    let (port_link, datapath_link) = net.create_datapath_pair(bridge.index, mtu).await?;
-
-    let routes = UnderlayRoutes::read(net, underlay.index).await;
-    sync_neighbours(net, underlay.index, &routes, &remotes, teardown).await;
-    let settings = LocalSettings {
-        short_id: me.short_id,
-        addr: me.address,
-        underlay_ifindex: underlay.index,
-        datapath_ifindex: datapath_link.index,
-        vxlan_port: args.port + 1,
-        mtu: args.mtu,
-        mac_age_secs: DEFAULT_MAC_AGE_SECS,
-        underlay_mac: underlay.mac,
+    let outcome = tokio::select! {
+        res = setup(args, net, &me, &remotes, pins, &mut ebpf, rollback) => Some(res),
+        sig = signals.stop() => {
+            tracing::info!("{sig} during setup: undoing it");
+            None
+        }
     };
-    let resolved = resolve(net, underlay.index, &routes, &remotes).await;
-    let ebpf = teardown
-        .ebpf
-        .as_mut()
-        .context("the eBPF object is loaded before serving")?;
-    let mut datapath = Datapath::new(BpfMaps::take(ebpf)?);
-    // Maps first, then programs: the programs never run unconfigured.
-    datapath.apply(&settings, &resolved)?;
-    let attached = loader::attach(ebpf, port_link.index, underlay.index)?;
-    teardown.clsact.extend(attached.clsact_added);
-
-    tracing::info!(
-        name = %me.name,
-        short_id = me.short_id,
-        underlay = %underlay.name,
-        bridge = %args.bridge,
-        peers = remotes.len(),
-        tcx = loader::uses_tcx(),
-        "weft: datapath ready"
-    );
+    let (datapath, settings) = match outcome {
+        Some(Ok(ready)) => ready,
+        failed => {
+            drop(ebpf);
+            std::mem::take(rollback).run(net).await;
+            return failed.transpose().map(|_| ());
+        }
+    };
+    // The datapath is complete: from here on it outlives this process.
+    *rollback = Rollback::default();
+    drop(ebpf);
 
     let state: Shared = Arc::new(Mutex::new(State {
         me,
@@ -251,41 +257,22 @@ async fn serve(
     let snapshot_state = state.clone();
     let server = tokio::spawn(socket.serve(move || snapshot(&snapshot_state)));
 
-    let mut sweep = tokio::time::interval(MAC_SWEEP_INTERVAL);
-    let mut refresh = tokio::time::interval(NEXT_HOP_REFRESH_INTERVAL);
     loop {
-        tokio::select! {
-            _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = signals.hup.recv() => {
-                if let Err(e) = reload(args, net, underlay.index, &state, teardown).await {
-                    tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous peers");
-                }
+        let sig = tokio::select! {
+            _ = signals.term.recv() => "SIGTERM",
+            _ = signals.int.recv() => "SIGINT",
+            _ = signals.hup.recv() => "SIGHUP",
+        };
+        if sig == "SIGHUP" {
+            if let Err(e) = reload(args, &state) {
+                tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous peers");
             }
-            _ = refresh.tick() => {
-                let remotes = state.lock().unwrap_or_else(PoisonError::into_inner).remotes.clone();
-                let routes = UnderlayRoutes::read(net, underlay.index).await;
-                let resolved = resolve(net, underlay.index, &routes, &remotes).await;
-                let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
-                // A reload may have replaced the peers meanwhile: apply only if not.
-                if s.remotes == remotes {
-                    let settings = s.settings;
-                    match s.datapath.apply(&settings, &resolved) {
-                        Ok(r) if !r.changed.is_empty() => tracing::debug!(peers = ?r.changed, "next hops updated"),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "updating next hops failed"),
-                    }
-                }
-            }
-            _ = sweep.tick() => {
-                let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
-                match s.datapath.expire_macs(monotonic_ns()) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(expired = n, "forgot aged MACs"),
-                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "MAC sweep failed"),
-                }
-            }
+            continue;
         }
+        tracing::info!(
+            "{sig}: stopping the agent; the datapath keeps forwarding (weft reset removes it)"
+        );
+        break;
     }
     server.abort();
     // Wait for the task to drop its socket, which removes the socket file.
@@ -293,125 +280,77 @@ async fn serve(
     Ok(())
 }
 
-/// What decides a peer's next hop: the underlay's connected prefixes and the
-/// default gateway. A failed read leaves them empty (then no next hop is known).
-struct UnderlayRoutes {
-    addrs: Vec<(Ipv4Addr, u8)>,
-    gateway: Option<Ipv4Addr>,
-}
-
-impl UnderlayRoutes {
-    async fn read(net: &Netdev, underlay: u32) -> Self {
-        let addrs = net.ipv4_addresses(underlay).await.unwrap_or_default();
-        let gateway = net
-            .default_route()
-            .await
-            .ok()
-            .flatten()
-            .and_then(|(_, gw)| gw);
-        Self { addrs, gateway }
-    }
-
-    fn next_hop(&self, peer: Ipv4Addr) -> Option<Ipv4Addr> {
-        netdev::next_hop(peer, &self.addrs, self.gateway)
-    }
-}
-
-/// The peers as the datapath needs them, with each next hop's MAC from the
-/// neighbour table (zero while unresolved). A failed lookup leaves MACs zero: only
-/// flooded frames suffer, and the next refresh tries again.
-async fn resolve(
+/// Brings the datapath to the desired state: bridge, VXLAN device, maps (adopted
+/// from an earlier run where they exist), then the programs.
+async fn setup(
+    args: &RunArgs,
     net: &Netdev,
-    underlay: u32,
-    routes: &UnderlayRoutes,
+    me: &Peer,
     remotes: &[Peer],
-) -> Vec<RemotePeer> {
-    let neighbours: std::collections::HashMap<Ipv4Addr, [u8; 6]> = net
-        .neighbours(underlay)
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %format!("{e:#}"), "reading the neighbour table");
-            Vec::new()
-        })
-        .into_iter()
-        .collect();
+    pins: &PinDir,
+    ebpf: &mut aya::Ebpf,
+    rollback: &mut Rollback,
+) -> anyhow::Result<(Datapath<BpfMaps>, LocalSettings)> {
+    let mtu = u32::from(args.mtu);
+    let (bridge, created) = net.ensure_bridge(&args.bridge, mtu).await?;
+    if created {
+        rollback.bridge = Some((bridge.index, bridge.name.clone()));
+    }
+    let existed = net.link(netdev::VXLAN_DEVICE).await?.map(|l| l.index);
+    let vxlan = net
+        .ensure_vxlan_device(args.port + 1, mtu, bridge.index)
+        .await?;
+    if existed != Some(vxlan.index) {
+        rollback.vxlan = Some(vxlan.index);
+    }
+    let settings = LocalSettings {
+        short_id: me.short_id,
+        addr: me.address,
+        vxlan_ifindex: vxlan.index,
+        mtu: args.mtu,
+        mac_age_secs: DEFAULT_MAC_AGE_SECS,
+    };
+    let (mut datapath, adopted) = Datapath::adopt(BpfMaps::take(ebpf)?)?;
+    // Maps first, then programs: the programs never run unconfigured.
+    let report = datapath.apply(&settings, &remote_peers(remotes))?;
+    let attached = loader::attach(ebpf, pins, vxlan.index)?;
+    tracing::info!(
+        name = %me.name,
+        short_id = me.short_id,
+        device = netdev::VXLAN_DEVICE,
+        bridge = %args.bridge,
+        peers = remotes.len(),
+        adopted_peers = adopted,
+        written = report.added.len() + report.changed.len() + report.removed.len(),
+        replaced_programs = ?attached.replaced,
+        tcx = loader::uses_tcx(),
+        "weft: datapath ready"
+    );
+    Ok((datapath, settings))
+}
+
+/// The peers as the datapath needs them.
+fn remote_peers(remotes: &[Peer]) -> Vec<RemotePeer> {
     remotes
         .iter()
-        .map(|p| {
-            let next_hop_mac = routes
-                .next_hop(p.address)
-                .and_then(|hop| neighbours.get(&hop).copied())
-                .unwrap_or([0; 6]);
-            RemotePeer {
-                short_id: p.short_id,
-                addr: p.address,
-                next_hop_mac,
-            }
+        .map(|p| RemotePeer {
+            short_id: p.short_id,
+            addr: p.address,
         })
         .collect()
 }
 
-/// Makes sure every peer's next hop has a managed neighbour entry, and removes the
-/// entries this run added for next hops no peer uses any more (after a reload).
-/// Failures only cost flooded frames to that peer, so they are logged.
-async fn sync_neighbours(
-    net: &Netdev,
-    underlay: u32,
-    routes: &UnderlayRoutes,
-    remotes: &[Peer],
-    teardown: &mut Teardown,
-) {
-    let mut needed = Vec::new();
-    for peer in remotes {
-        match routes.next_hop(peer.address) {
-            Some(hop) => needed.push((underlay, hop)),
-            None => tracing::warn!(
-                peer = %peer.address,
-                "no route to peer: flooded frames cannot reach it"
-            ),
-        }
-    }
-    let mut kept = Vec::new();
-    for (index, hop) in std::mem::take(&mut teardown.neighbours) {
-        if needed.contains(&(index, hop)) {
-            kept.push((index, hop));
-        } else if let Err(e) = net.delete_neighbour(index, hop).await {
-            tracing::warn!(error = %format!("{e:#}"), "removing an unused neighbour entry");
-        }
-    }
-    teardown.neighbours = kept;
-    for (index, hop) in needed {
-        if teardown.neighbours.contains(&(index, hop)) {
-            continue;
-        }
-        match net.add_managed_neighbour(index, hop).await {
-            Ok(true) => teardown.neighbours.push((index, hop)),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "neighbour"),
-        }
-    }
-}
-
 /// SIGHUP: re-reads the peers file and applies the difference.
-async fn reload(
-    args: &RunArgs,
-    net: &Netdev,
-    underlay: u32,
-    state: &Shared,
-    teardown: &mut Teardown,
-) -> anyhow::Result<()> {
+fn reload(args: &RunArgs, state: &Shared) -> anyhow::Result<()> {
     let peers = PeersFile::load(&args.peers_file)?;
     let (me, remotes) = peers.split(&args.name)?;
-    let routes = UnderlayRoutes::read(net, underlay).await;
-    sync_neighbours(net, underlay, &routes, &remotes, teardown).await;
-    let resolved = resolve(net, underlay, &routes, &remotes).await;
     let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
     let settings = LocalSettings {
         short_id: me.short_id,
         addr: me.address,
         ..s.settings
     };
-    let report = s.datapath.apply(&settings, &resolved)?;
+    let report = s.datapath.apply(&settings, &remote_peers(&remotes))?;
     tracing::info!(
         added = ?report.added,
         changed = ?report.changed,
@@ -425,7 +364,8 @@ async fn reload(
     Ok(())
 }
 
-/// The status the control socket serves.
+/// The status the control socket serves. It reads one counter slot per peer and
+/// the reason counters; it never walks the MAC table.
 fn snapshot(state: &Shared) -> Status {
     let s = state.lock().unwrap_or_else(PoisonError::into_inner);
     let connections = s
@@ -456,7 +396,7 @@ fn snapshot(state: &Shared) -> Status {
             }
         })
         .collect();
-    let mut counters: std::collections::BTreeMap<String, u64> = s
+    let counters = s
         .datapath
         .counters()
         .map(|cs| {
@@ -465,9 +405,6 @@ fn snapshot(state: &Shared) -> Status {
                 .collect()
         })
         .unwrap_or_default();
-    if let Ok(n) = s.datapath.mac_count() {
-        counters.insert("learned_macs".to_owned(), n as u64);
-    }
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         name: s.me.name,
@@ -479,5 +416,50 @@ fn snapshot(state: &Shared) -> Status {
         encryption: false,
         connections,
         counters,
+    }
+}
+
+/// `weft reset`: removes everything weft created in this network namespace: the
+/// pinned programs' links and maps (the programs detach), weft's VXLAN device, and
+/// the bridge if weft created it. Refuses while an agent answers on the socket.
+pub async fn reset(args: ResetArgs) -> anyhow::Result<()> {
+    if control::query(&args.socket).await.is_ok() {
+        bail!(
+            "an agent is running on {}: stop it first (SIGTERM), then reset",
+            args.socket.display()
+        );
+    }
+    let net = Netdev::connect()?;
+    let pins = PinDir::for_current_netns(&args.bpffs)
+        .context("reading this network namespace's cookie")?;
+    pins.remove()
+        .with_context(|| format!("removing {}", pins.root().display()))?;
+    if let Some(link) = net.link(netdev::VXLAN_DEVICE).await? {
+        if link.is_ours() {
+            net.delete_link(link.index, &link.name).await?;
+        } else {
+            tracing::warn!(
+                device = netdev::VXLAN_DEVICE,
+                "not created by weft (no weft alias); left in place"
+            );
+        }
+    }
+    if let Some(bridge) = net.link(&args.bridge).await?
+        && bridge.is_ours()
+    {
+        delete_bridge_if_unused(&net, bridge.index, &bridge.name).await;
+    }
+    remove_stale_socket(&args.socket);
+    tracing::info!("weft reset: datapath removed");
+    Ok(())
+}
+
+/// Removes a control socket file nobody answers on (left by a killed agent).
+fn remove_stale_socket(path: &Path) {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(socket = %path.display(), error = %e, "removing stale socket")
+        }
+        _ => {}
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! weft run [--iface IFACE] --name PEERNAME --peers-file FILE [--mtu N] [--bridge NAME]
-//!          [--port N] [--socket PATH]
+//!          [--port N] [--socket PATH] [--bpffs PATH]
 //! weft status [connections|peers] [--json] [--socket PATH]
+//! weft reset [--bridge NAME] [--socket PATH] [--bpffs PATH]
 //! ```
 
 use std::path::PathBuf;
@@ -17,6 +18,8 @@ use crate::{control::DEFAULT_SOCKET, peers::PeerName};
 pub const MIN_MTU: u16 = 576;
 /// Largest accepted overlay MTU (leaves room for the 50 bytes of encapsulation).
 pub const MAX_MTU: u16 = 65000;
+/// Where bpffs is normally mounted.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// Longest Linux interface name (`IFNAMSIZ` - 1).
 pub const MAX_IFNAME: usize = 15;
 
@@ -33,10 +36,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent in the foreground until SIGINT or SIGTERM (SIGHUP reloads the
-    /// peers file).
+    /// peers file). The datapath keeps forwarding after the agent stops; a new agent
+    /// adopts it.
     Run(RunArgs),
     /// Show the running agent's status.
     Status(StatusArgs),
+    /// Remove everything weft set up in this network namespace (programs, maps,
+    /// devices), as `weave reset` does. The agent must be stopped first.
+    Reset(ResetArgs),
 }
 
 /// Options of `weft run`.
@@ -73,6 +80,24 @@ pub struct RunArgs {
     /// Control socket `weft status` talks to.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Where bpffs is mounted: the datapath's maps and links are pinned below it,
+    /// in a directory of this network namespace's own.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+/// Options of `weft reset`.
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// The bridge; removed only if weft created it and no pod is attached.
+    #[arg(long, value_name = "NAME", default_value = "weave", value_parser = parse_ifname)]
+    pub bridge: String,
+    /// Control socket of the agent (which must not be running).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where bpffs is mounted (as given to `weft run`).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
 }
 
 /// Options of `weft status`.

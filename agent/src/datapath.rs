@@ -23,18 +23,12 @@ pub struct LocalSettings {
     pub short_id: u16,
     /// This host's underlay address (outer source).
     pub addr: Ipv4Addr,
-    /// ifindex of the underlay interface.
-    pub underlay_ifindex: u32,
-    /// ifindex of `vethwe-datapath`.
-    pub datapath_ifindex: u32,
-    /// UDP port VXLAN uses.
-    pub vxlan_port: u16,
+    /// ifindex of weft's VXLAN device.
+    pub vxlan_ifindex: u32,
     /// Overlay MTU.
     pub mtu: u16,
     /// Seconds before a learned MAC is forgotten.
     pub mac_age_secs: u32,
-    /// MAC address of the underlay interface.
-    pub underlay_mac: [u8; 6],
 }
 
 /// A remote peer as the datapath needs it.
@@ -44,8 +38,6 @@ pub struct RemotePeer {
     pub short_id: u16,
     /// The peer's underlay address.
     pub addr: Ipv4Addr,
-    /// Resolved MAC of the next hop towards it, all zero if unresolved.
-    pub next_hop_mac: [u8; 6],
 }
 
 /// What one [`Datapath::apply`] changed.
@@ -53,7 +45,7 @@ pub struct RemotePeer {
 pub struct ApplyReport {
     /// ShortIDs added.
     pub added: Vec<u16>,
-    /// ShortIDs whose address or next-hop MAC changed.
+    /// ShortIDs whose address changed.
     pub changed: Vec<u16>,
     /// ShortIDs removed.
     pub removed: Vec<u16>,
@@ -80,6 +72,28 @@ impl<M: DatapathMaps> Datapath<M> {
         }
     }
 
+    /// Wraps maps an earlier run filled (pinned, while its programs kept
+    /// forwarding): what they hold becomes the known state, so the next
+    /// [`Datapath::apply`] writes only what differs from it. Empty maps give the
+    /// same as [`Datapath::new`]. Returns how many peers were found.
+    pub fn adopt(maps: M) -> Result<(Self, usize), MapsError> {
+        let mut dp = Self::new(maps);
+        let cfg = dp.maps.config()?;
+        dp.peers = dp.maps.peers()?.into_iter().collect();
+        if cfg.enabled != 0 {
+            dp.flood = dp.maps.flood(cfg.flood_count)?;
+            dp.local = Some(LocalSettings {
+                short_id: cfg.local_short_id,
+                addr: Ipv4Addr::from(cfg.local_addr),
+                vxlan_ifindex: cfg.vxlan_ifindex,
+                mtu: cfg.mtu,
+                mac_age_secs: cfg.mac_age_secs,
+            });
+        }
+        let n = dp.peers.len();
+        Ok((dp, n))
+    }
+
     /// Makes the maps describe `local` and exactly `peers`.
     ///
     /// On error the maps may hold part of the change; calling `apply` again with
@@ -95,8 +109,6 @@ impl<M: DatapathMaps> Datapath<M> {
                 let entry = PeerEntry {
                     addr: p.addr.octets(),
                     flags: 0,
-                    next_hop_mac: p.next_hop_mac,
-                    pad: [0; 2],
                 };
                 (p.short_id, entry)
             })
@@ -167,39 +179,14 @@ impl<M: DatapathMaps> Datapath<M> {
     fn write_config(&mut self, local: &LocalSettings, flood_count: usize) -> Result<(), MapsError> {
         self.maps.set_config(&DatapathConfig {
             enabled: 1,
-            underlay_ifindex: local.underlay_ifindex,
-            datapath_ifindex: local.datapath_ifindex,
+            vxlan_ifindex: local.vxlan_ifindex,
             local_addr: local.addr.octets(),
             local_short_id: local.short_id,
-            vxlan_port: local.vxlan_port,
             mtu: local.mtu,
             flood_count: flood_count as u16,
+            pad: 0,
             mac_age_secs: local.mac_age_secs,
-            underlay_mac: local.underlay_mac,
-            pad: [0; 2],
         })
-    }
-
-    /// Forgets learned MACs not refreshed within the MAC age, as of `now_ns`
-    /// (`CLOCK_MONOTONIC`). Returns how many were removed.
-    pub fn expire_macs(&mut self, now_ns: u64) -> Result<usize, MapsError> {
-        let Some(local) = self.local else {
-            return Ok(0);
-        };
-        let age_ns = u64::from(local.mac_age_secs) * 1_000_000_000;
-        let mut removed = 0;
-        for (key, entry) in self.maps.macs()? {
-            if now_ns.saturating_sub(entry.seen_ns) > age_ns {
-                self.maps.forget_mac(&key)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Number of learned MACs.
-    pub fn mac_count(&self) -> Result<usize, MapsError> {
-        Ok(self.maps.macs()?.len())
     }
 
     /// A peer's traffic counters.
@@ -229,17 +216,6 @@ impl<M: DatapathMaps> Datapath<M> {
     }
 }
 
-/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[cfg(test)]
 mod tests {
     use weft_common::maps::{MacEntry, MacKey};
@@ -251,12 +227,9 @@ mod tests {
         LocalSettings {
             short_id: 1,
             addr: Ipv4Addr::new(192, 168, 48, 11),
-            underlay_ifindex: 2,
-            datapath_ifindex: 7,
-            vxlan_port: 6784,
+            vxlan_ifindex: 7,
             mtu: 1376,
             mac_age_secs: 300,
-            underlay_mac: [2, 0, 0, 0, 0, 0x11],
         }
     }
 
@@ -264,7 +237,6 @@ mod tests {
         RemotePeer {
             short_id: id,
             addr: Ipv4Addr::new(192, 168, 48, last),
-            next_hop_mac: [2, 0, 0, 0, 0, last],
         }
     }
 
@@ -279,7 +251,7 @@ mod tests {
         assert_eq!(cfg.flood_count, 2);
         assert_eq!(cfg.local_addr, [192, 168, 48, 11]);
         assert_eq!(cfg.local_short_id, 1);
-        assert_eq!(cfg.datapath_ifindex, 7);
+        assert_eq!(cfg.vxlan_ifindex, 7);
         assert_eq!(m.peers[&2].addr, [192, 168, 48, 12]);
         assert_eq!(m.flood.get(&0), Some(&2));
         assert_eq!(m.flood.get(&1), Some(&3));
@@ -336,21 +308,36 @@ mod tests {
     }
 
     #[test]
-    fn a_resolved_next_hop_rewrites_only_that_peer() {
-        let mut dp = Datapath::new(FakeMaps::default());
-        let mut peers = vec![peer(2, 12), peer(3, 13)];
-        peers[1].next_hop_mac = [0; 6];
-        dp.apply(&local(), &peers).unwrap();
-        assert_eq!(dp.maps().peers[&3].next_hop_mac, [0; 6]);
-        peers[1].next_hop_mac = [2, 0, 0, 0, 0, 0x33];
-        let r = dp.apply(&local(), &peers).unwrap();
-        assert_eq!(r.changed, vec![3]);
+    fn adopting_an_earlier_runs_maps_rewrites_nothing_unchanged() {
+        let mut first = Datapath::new(FakeMaps::default());
+        first
+            .apply(&local(), &[peer(2, 12), peer(3, 13), peer(4, 14)])
+            .unwrap();
+        let maps = std::mem::take(first.maps_mut());
+        let config_before = maps.config;
+        let (mut dp, found) = Datapath::adopt(maps).unwrap();
+        assert_eq!(found, 3);
+        let writes = dp.maps().peer_writes;
+        // The restarted agent's peers: one gone, one moved, one new.
+        let r = dp
+            .apply(&local(), &[peer(2, 12), peer(3, 99), peer(5, 15)])
+            .unwrap();
         assert_eq!(r.unchanged, 1);
-        assert_eq!(dp.maps().peers[&3].next_hop_mac, [2, 0, 0, 0, 0, 0x33]);
-        assert_eq!(
-            dp.maps().config.unwrap().underlay_mac,
-            [2, 0, 0, 0, 0, 0x11]
-        );
+        assert_eq!(r.changed, vec![3]);
+        assert_eq!(r.added, vec![5]);
+        assert_eq!(r.removed, vec![4]);
+        assert_eq!(dp.maps().peer_writes, writes + 2);
+        assert_eq!(dp.maps().config.unwrap().flood_count, 3);
+        assert_eq!(config_before.unwrap().flood_count, 3);
+        // Adopting the same state again finds nothing to do at all.
+        let maps = std::mem::take(dp.maps_mut());
+        let (mut dp, _) = Datapath::adopt(maps).unwrap();
+        let writes = dp.maps().peer_writes;
+        let r = dp
+            .apply(&local(), &[peer(2, 12), peer(3, 99), peer(5, 15)])
+            .unwrap();
+        assert_eq!(r.unchanged, 3);
+        assert_eq!(dp.maps().peer_writes, writes);
     }
 
     #[test]
@@ -374,33 +361,5 @@ mod tests {
         let r = dp.apply(&local(), &[peer(2, 12)]).unwrap();
         assert_eq!(r.added, vec![2]);
         assert_eq!(dp.maps().config.unwrap().flood_count, 1);
-    }
-
-    #[test]
-    fn macs_expire_after_their_age() {
-        let mut dp = Datapath::new(FakeMaps::default());
-        dp.apply(&local(), &[peer(2, 12)]).unwrap();
-        let old = MacKey::new([2, 0, 0, 0, 0, 1]);
-        let fresh = MacKey::new([2, 0, 0, 0, 0, 2]);
-        dp.maps_mut().macs.insert(
-            old,
-            MacEntry {
-                short_id: 2,
-                pad: 0,
-                seen_ns: 1_000_000_000,
-            },
-        );
-        dp.maps_mut().macs.insert(
-            fresh,
-            MacEntry {
-                short_id: 2,
-                pad: 0,
-                seen_ns: 250_000_000_000,
-            },
-        );
-        let now = 302_000_000_000;
-        assert_eq!(dp.expire_macs(now).unwrap(), 1);
-        assert!(dp.maps().macs.contains_key(&fresh));
-        assert!(!dp.maps().macs.contains_key(&old));
     }
 }

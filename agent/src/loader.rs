@@ -1,22 +1,40 @@
-//! Loads the embedded eBPF object and attaches its TC programs.
+//! Loads the embedded eBPF object, attaches its TC programs, and keeps both alive
+//! without the agent: the datapath must keep forwarding while no agent runs (a
+//! DaemonSet update, a crash, an OOM kill).
 //!
-//! On kernels with TCX (6.6+) programs attach through BPF links owned by this
-//! process: they detach when the agent exits, however it exits (even `kill -9`), so
-//! there is nothing to reconcile. Older kernels use netlink `cls_bpf` filters under a
-//! `clsact` qdisc, which outlive the process: before attaching, leftovers of a
-//! previous run (filters named like weft's programs) are removed, and a `clsact`
-//! qdisc weft added is reported back so the caller can remove it on exit.
+//! State lives under a per-network-namespace directory on bpffs ([`PinDir`]):
+//! - `maps-v<N>/` holds every map, pinned by name, for map layout version N
+//!   ([`MAP_LAYOUT_VERSION`]). A starting agent of the same layout reuses them (the
+//!   learned MACs, counters and peers survive); one of another layout gets maps of
+//!   its own, and the older directory is removed once its programs are replaced.
+//! - `links/<program>` pins each program's TCX link (kernel 6.6+). A starting agent
+//!   swaps its freshly loaded program into the existing link (`BPF_LINK_UPDATE`):
+//!   atomic, no packet sees the hook empty. Without a pinned link it attaches and
+//!   pins a new one.
+//!
+//! Older kernels have no TCX: programs are netlink `cls_bpf` filters under a
+//! `clsact` qdisc, which outlive the process by themselves; a starting agent
+//! replaces the previous run's filters (not atomically: a gap of a few
+//! milliseconds).
+
+use std::{
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapError, ProgramArray},
+    pin::PinError,
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
-        tc::{self, TcError},
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, TcError},
     },
     util::KernelVersion,
 };
-use weft_common::maps::{JUMP_MAP, programs};
+use weft_common::maps::{JUMP_MAP, MAP_LAYOUT_VERSION, programs};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
@@ -59,6 +77,26 @@ pub enum LoaderError {
     /// Filling the encapsulation program's jump table failed.
     #[error("setting up the flood jump table failed")]
     JumpTable(#[source] MapError),
+    /// The pin directory could not be made or read.
+    #[error(
+        "bpffs directory {path}: is bpffs mounted at the --bpffs path (mount -t bpf bpf /sys/fs/bpf)?"
+    )]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Pinning a link failed.
+    #[error("pinning the link of {name} failed")]
+    Pin {
+        /// The program.
+        name: &'static str,
+        /// What failed.
+        #[source]
+        source: PinError,
+    },
     /// Preparing the legacy TC attachment failed.
     #[error("preparing TC on interface {iface} failed")]
     Tc {
@@ -75,8 +113,8 @@ fn os_error(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(code) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::raw_os_error)
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
         {
             return Some(code);
         }
@@ -90,15 +128,133 @@ fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
     matches!(os_error(err), Some(libc::EPERM) | Some(libc::EACCES))
 }
 
-/// Loads the embedded object (maps are created, programs not yet loaded).
-pub fn load() -> Result<Ebpf, LoaderError> {
-    EbpfLoader::new().load(EBPF_OBJECT).map_err(|e| {
-        if is_permission_error(&e) {
-            LoaderError::Permission
-        } else {
-            LoaderError::Load(e)
+/// Where this network namespace's datapath state is pinned:
+/// `<bpffs>/weft/netns-<cookie>`. The network namespace cookie (`SO_NETNS_COOKIE`)
+/// is unique for the life of the system, unlike a namespace's inode number, so
+/// agents in different namespaces (testbed hosts, the bench) never share or adopt
+/// each other's state, and a new namespace never inherits a dead one's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    /// The directory for the calling thread's network namespace under `bpffs`.
+    pub fn for_current_netns(bpffs: &Path) -> io::Result<Self> {
+        Ok(Self::at(
+            bpffs
+                .join("weft")
+                .join(format!("netns-{}", netns_cookie()?)),
+        ))
+    }
+
+    /// The directory at `root`.
+    pub fn at(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Maps of the current layout.
+    fn maps(&self) -> PathBuf {
+        self.root.join(format!("maps-v{MAP_LAYOUT_VERSION}"))
+    }
+
+    /// The pinned link of program `name`.
+    fn link(&self, name: &str) -> PathBuf {
+        self.root.join("links").join(name)
+    }
+
+    /// Whether anything is pinned here (an earlier run's datapath).
+    pub fn exists(&self) -> bool {
+        self.root.exists()
+    }
+
+    /// Unpins everything: links first (their programs detach once nothing else
+    /// holds them), then the maps. Absent is not an error.
+    pub fn remove(&self) -> io::Result<()> {
+        match std::fs::remove_dir_all(&self.root) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
         }
-    })
+    }
+
+    /// Removes map directories of other layouts (after their programs were replaced).
+    fn remove_other_layouts(&self) {
+        let current = self.maps();
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_maps = entry.file_name().to_string_lossy().starts_with("maps-v");
+            if is_maps && path != current {
+                match std::fs::remove_dir_all(&path) {
+                    Ok(()) => {
+                        tracing::info!(dir = %path.display(), "removed maps of another layout")
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %path.display(), error = %e, "removing old maps")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The cookie of the calling thread's network namespace.
+fn netns_cookie() -> io::Result<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` (8) bytes into `cookie`, a live u64,
+    // and updates `len`; the socket fd is open for the whole call.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Loads the embedded object with its maps under `pins` (reusing the maps pinned
+/// there by an earlier run of the same layout, creating them otherwise). Programs
+/// are not loaded yet.
+pub fn load(pins: &PinDir) -> Result<Ebpf, LoaderError> {
+    let maps = pins.maps();
+    for dir in [maps.clone(), pins.root.join("links")] {
+        std::fs::create_dir_all(&dir).map_err(|source| {
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::EPERM) | Some(libc::EACCES)
+            ) {
+                LoaderError::Permission
+            } else {
+                LoaderError::PinDir { path: dir, source }
+            }
+        })?;
+    }
+    EbpfLoader::new()
+        .default_map_pin_directory(&maps)
+        .load(EBPF_OBJECT)
+        .map_err(|e| {
+            if is_permission_error(&e) {
+                LoaderError::Permission
+            } else {
+                LoaderError::Load(e)
+            }
+        })
 }
 
 /// Whether TC programs attach through TCX links (else netlink filters).
@@ -106,12 +262,11 @@ pub fn uses_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
-/// What attaching did that the caller must undo on exit (beyond dropping the
-/// `Ebpf`, which detaches the programs).
+/// What attaching did.
 #[derive(Debug, Default)]
 pub struct Attached {
-    /// Interfaces (ifindexes) on which weft added a `clsact` qdisc (netlink mode).
-    pub clsact_added: Vec<u32>,
+    /// Programs swapped into links an earlier run pinned (restart or upgrade).
+    pub replaced: Vec<&'static str>,
 }
 
 /// The TC program `name` of `ebpf`.
@@ -125,15 +280,16 @@ fn classifier<'a>(
         .map_err(|_| LoaderError::Program(name))
 }
 
-/// Loads both programs and attaches them (ifindexes): encapsulation on egress of
-/// the bridge's datapath port (`vethwe-bridge`), so frames leave for the underlay
-/// before crossing the veth pair; decapsulation on ingress of the underlay.
-pub fn attach(ebpf: &mut Ebpf, bridge_port: u32, underlay: u32) -> Result<Attached, LoaderError> {
+/// Loads both programs and puts them on weft's VXLAN device (`ifindex`): encap on
+/// egress, decap on ingress. With TCX, a link pinned by an earlier run gets the new
+/// program atomically; otherwise a new link is attached and pinned, so the programs
+/// stay attached after this process exits. Maps of other layouts are then removed.
+pub fn attach(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32) -> Result<Attached, LoaderError> {
     let hooks = [
-        (programs::EGRESS, bridge_port, TcAttachType::Egress),
-        (programs::INGRESS, underlay, TcAttachType::Ingress),
+        (programs::EGRESS, TcAttachType::Egress),
+        (programs::INGRESS, TcAttachType::Ingress),
     ];
-    for (name, _, _) in hooks {
+    for (name, _) in hooks {
         classifier(ebpf, name)?.load().map_err(|source| {
             if is_permission_error(&source) {
                 LoaderError::Permission
@@ -144,19 +300,86 @@ pub fn attach(ebpf: &mut Ebpf, bridge_port: u32, underlay: u32) -> Result<Attach
     }
     set_jump_table(ebpf)?;
     let mut attached = Attached::default();
-    for (name, iface, hook) in hooks {
+    for (name, hook) in hooks {
+        let prog = classifier(ebpf, name)?;
         if !uses_tcx() {
-            prepare_netlink(iface, hook, name, &mut attached)?;
+            prepare_netlink(ifindex, hook, name)?;
+            let attach_err = |source| LoaderError::Attach {
+                name,
+                iface: ifindex,
+                source,
+            };
+            let id = prog.attach(ifindex, hook).map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            // The filter must outlive the process, and dropping its handle would
+            // delete it: the handle holds no resource of this process (only the
+            // interface, parent, priority and handle numbers), so forget it.
+            std::mem::forget(link);
+            continue;
         }
-        classifier(ebpf, name)?
-            .attach(iface, hook)
+        let path = pins.link(name);
+        if replace_pinned(prog, &path, name)? {
+            attached.replaced.push(name);
+            continue;
+        }
+        let id = prog
+            .attach(ifindex, hook)
             .map_err(|source| LoaderError::Attach {
                 name,
-                iface,
+                iface: ifindex,
                 source,
             })?;
+        let link = prog.take_link(id).map_err(|source| LoaderError::Attach {
+            name,
+            iface: ifindex,
+            source,
+        })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| LoaderError::Attach {
+            name,
+            iface: ifindex,
+            source: ProgramError::from(e),
+        })?;
+        // The pin holds the link; this process's fd closes when `_pinned` drops.
+        let _pinned = fd_link
+            .pin(&path)
+            .map_err(|source| LoaderError::Pin { name, source })?;
     }
+    pins.remove_other_layouts();
     Ok(attached)
+}
+
+/// Swaps `prog` into the link pinned at `path`, if there is a live one. A pin of a
+/// link whose device is gone (the link is defunct) is removed, and `false` returned.
+fn replace_pinned(
+    prog: &mut SchedClassifier,
+    path: &Path,
+    name: &'static str,
+) -> Result<bool, LoaderError> {
+    let pinned = match PinnedLink::from_pin(path) {
+        Ok(p) => p,
+        Err(_) => return Ok(false),
+    };
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned));
+    let result = match link {
+        Ok(link) => prog.attach_to_link(link).and_then(|id| prog.take_link(id)),
+        Err(e) => Err(ProgramError::from(e)),
+    };
+    match result {
+        // Dropping the taken link closes this process's fd; the pin keeps it.
+        Ok(_link) => Ok(true),
+        Err(e) => {
+            tracing::info!(program = name, error = %e, "pinned link is stale; attaching anew");
+            if let Err(e) = std::fs::remove_file(path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                return Err(LoaderError::PinDir {
+                    path: path.to_owned(),
+                    source: e,
+                });
+            }
+            Ok(false)
+        }
+    }
 }
 
 /// Points slot 0 of the jump table at the (loaded) encapsulation program, so long
@@ -178,24 +401,19 @@ fn set_jump_table(ebpf: &mut Ebpf) -> Result<(), LoaderError> {
 }
 
 /// Netlink mode: removes a leftover filter of a previous run and makes sure a
-/// `clsact` qdisc exists, remembering whether weft added it.
-fn prepare_netlink(
-    iface: u32,
-    hook: TcAttachType,
-    name: &str,
-    attached: &mut Attached,
-) -> Result<(), LoaderError> {
+/// `clsact` qdisc exists (on weft's own device, so it goes with the device).
+fn prepare_netlink(iface: u32, hook: TcAttachType, name: &str) -> Result<(), LoaderError> {
     let tc_err = |source| LoaderError::Tc { iface, source };
     match tc::qdisc_detach_program(iface, hook.into(), name) {
         Ok(()) => tracing::info!(iface, program = name, "removed a leftover TC filter"),
-        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
             // No clsact qdisc yet is the common case here; anything else is real.
             tracing::debug!(iface, error = %e, "no leftover TC filter to remove");
         }
     }
     match tc::qdisc_add_clsact(iface) {
-        Ok(()) => attached.clsact_added.push(iface),
+        Ok(()) => {}
         Err(e) if os_error(&e) == Some(libc::EEXIST) => {}
         Err(e) => return Err(tc_err(e)),
     }

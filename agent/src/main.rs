@@ -1,12 +1,13 @@
 //! `weft`: the userspace agent of weft's eBPF fast datapath.
 //!
 //! - `weft run` sets up the datapath on this host (devices, eBPF programs, maps),
-//!   keeps it equal to the peers file, serves status on a local socket, and removes
-//!   everything it set up when it stops.
+//!   keeps it equal to the peers file and serves status on a local socket. The
+//!   datapath outlives it; the next `weft run` adopts it.
 //! - `weft status` asks a running agent and prints Weave-style status.
+//! - `weft reset` removes the datapath.
 //!
 //! Modules, one concern each: [`cli`] (arguments), [`peers`] (the static peers file),
-//! [`netdev`] (links and neighbours via rtnetlink), [`loader`] (eBPF load/attach),
+//! [`netdev`] (links via rtnetlink), [`loader`] (eBPF load/attach),
 //! [`maps`] (the map chokepoint), [`datapath`] (desired state -> maps), [`control`]
 //! (the local socket), [`status`] (Weave-style output), [`agent`] (the lifecycle).
 
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => agent::run(args).await,
             Command::Status(args) => print_status(args).await,
+            Command::Reset(args) => agent::reset(args).await,
         }
     });
     match result {

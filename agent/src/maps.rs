@@ -61,6 +61,12 @@ pub trait DatapathMaps {
     fn macs(&self) -> Result<Vec<(MacKey, MacEntry)>, MapsError>;
     /// Forgets a learned MAC (absent is not an error).
     fn forget_mac(&mut self, key: &MacKey) -> Result<(), MapsError>;
+    /// The configuration as the maps hold it (what an earlier run left).
+    fn config(&self) -> Result<DatapathConfig, MapsError>;
+    /// Every occupied peer slot (ShortID and entry).
+    fn peers(&self) -> Result<Vec<(u16, PeerEntry)>, MapsError>;
+    /// The first `count` slots of the flood list.
+    fn flood(&self, count: u16) -> Result<Vec<u16>, MapsError>;
 }
 
 /// The real maps of a loaded eBPF object.
@@ -209,6 +215,44 @@ impl DatapathMaps for BpfMaps {
             source,
         })
     }
+
+    fn config(&self) -> Result<DatapathConfig, MapsError> {
+        self.config.get(&0, 0).map_err(|source| MapsError::Op {
+            op: "lookup",
+            name: CONFIG_MAP,
+            source,
+        })
+    }
+
+    fn peers(&self) -> Result<Vec<(u16, PeerEntry)>, MapsError> {
+        let mut out = Vec::new();
+        for (i, entry) in self.peers.iter().enumerate() {
+            let entry = entry.map_err(|source| MapsError::Op {
+                op: "lookup",
+                name: PEERS_MAP,
+                source,
+            })?;
+            if entry.addr != [0; 4] {
+                out.push((i as u16, entry));
+            }
+        }
+        Ok(out)
+    }
+
+    fn flood(&self, count: u16) -> Result<Vec<u16>, MapsError> {
+        (0..u32::from(count))
+            .map(|i| {
+                self.flood
+                    .get(&i, 0)
+                    .map(|id| id as u16)
+                    .map_err(|source| MapsError::Op {
+                        op: "lookup",
+                        name: FLOOD_MAP,
+                        source,
+                    })
+            })
+            .collect()
+    }
 }
 
 /// An in-memory stand-in for the maps, for tests.
@@ -278,6 +322,17 @@ pub mod fake {
         fn forget_mac(&mut self, key: &MacKey) -> Result<(), MapsError> {
             self.macs.remove(key);
             Ok(())
+        }
+        fn config(&self) -> Result<DatapathConfig, MapsError> {
+            Ok(self.config.unwrap_or_default())
+        }
+        fn peers(&self) -> Result<Vec<(u16, PeerEntry)>, MapsError> {
+            Ok(self.peers.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn flood(&self, count: u16) -> Result<Vec<u16>, MapsError> {
+            Ok((0..u32::from(count))
+                .map(|i| self.flood.get(&i).copied().unwrap_or_default())
+                .collect())
         }
     }
 }

@@ -1,28 +1,27 @@
-//! Network devices, addresses and neighbours, through rtnetlink.
+//! Network devices and addresses, through rtnetlink.
 //!
-//! weft owns few kernel objects: the veth pair `vethwe-bridge`/`vethwe-datapath`
-//! between the bridge and the eBPF datapath, the `weave` bridge when it had to
-//! create it, and one managed neighbour entry per peer next hop (so flooded frames
-//! always find a resolved MAC). Every netlink call goes through [`Netdev`].
+//! weft owns few kernel objects: its metadata-mode VXLAN device (`weft-vxlan`, a
+//! port of the bridge, where both programs run) and the `weave` bridge when it had
+//! to create it. Each carries the interface alias [`OWNER_ALIAS`], so weft never
+//! removes or adopts a device that is not its own (Weave's included). Every netlink
+//! call goes through [`Netdev`].
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-        neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourState},
+        link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
         route::{RouteAddress, RouteAttribute},
-        tc::TcAttribute,
     },
 };
 
-/// Name of the bridge side of the datapath veth pair.
-pub const BRIDGE_PORT: &str = "vethwe-bridge";
-/// Name of the datapath side of the veth pair (where `weft_encap` runs).
-pub const DATAPATH_PORT: &str = "vethwe-datapath";
+/// Name of weft's metadata-mode VXLAN device.
+pub const VXLAN_DEVICE: &str = "weft-vxlan";
+/// Interface alias (`ip link show` prints it) marking a device weft created.
+pub const OWNER_ALIAS: &str = "weft";
 
 /// A failed netlink operation.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +38,12 @@ pub enum NetdevError {
     /// An interface exists but is not what weft needs.
     #[error("interface {0} exists but is not a bridge")]
     NotABridge(String),
+    /// An interface of weft's name exists but was not created by weft.
+    #[error(
+        "interface {0} exists but was not created by weft (no alias \"{OWNER_ALIAS}\"): \
+         remove it or rename it"
+    )]
+    NotOurs(String),
 }
 
 /// What weft needs to know about a link.
@@ -56,6 +61,17 @@ pub struct Link {
     pub mtu: u32,
     /// Ethernet address (all zero if the link has none).
     pub mac: [u8; 6],
+    /// Interface alias, if set.
+    pub alias: Option<String>,
+    /// For a VXLAN device: (UDP port, metadata mode).
+    pub vxlan: Option<(u16, bool)>,
+}
+
+impl Link {
+    /// Whether weft created this link.
+    pub fn is_ours(&self) -> bool {
+        self.alias.as_deref() == Some(OWNER_ALIAS)
+    }
 }
 
 fn link_from_message(msg: &LinkMessage) -> Link {
@@ -66,6 +82,8 @@ fn link_from_message(msg: &LinkMessage) -> Link {
         controller: None,
         mtu: 0,
         mac: [0; 6],
+        alias: None,
+        vxlan: None,
     };
     for attr in &msg.attributes {
         match attr {
@@ -73,14 +91,30 @@ fn link_from_message(msg: &LinkMessage) -> Link {
             LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(a),
             LinkAttribute::Controller(c) => link.controller = Some(*c),
+            LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
-                    if let LinkInfo::Kind(kind) = info {
-                        link.kind = Some(match kind {
-                            InfoKind::Bridge => "bridge".to_owned(),
-                            InfoKind::Veth => "veth".to_owned(),
-                            other => format!("{other:?}").to_lowercase(),
-                        });
+                    match info {
+                        LinkInfo::Kind(kind) => {
+                            link.kind = Some(match kind {
+                                InfoKind::Bridge => "bridge".to_owned(),
+                                InfoKind::Veth => "veth".to_owned(),
+                                InfoKind::Vxlan => "vxlan".to_owned(),
+                                other => format!("{other:?}").to_lowercase(),
+                            });
+                        }
+                        LinkInfo::Data(InfoData::Vxlan(attrs)) => {
+                            let (mut port, mut external) = (0, false);
+                            for a in attrs {
+                                match a {
+                                    InfoVxlan::Port(p) => port = *p,
+                                    InfoVxlan::CollectMetadata(m) => external = *m,
+                                    _ => {}
+                                }
+                            }
+                            link.vxlan = Some((port, external));
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -138,8 +172,8 @@ impl Netdev {
             .map_err(|e| NetdevError::Request("listing links".to_owned(), e))
     }
 
-    /// Returns the bridge `name`, creating it (with `mtu`, up) if absent. The flag
-    /// says whether it was created.
+    /// Returns the bridge `name`, creating it (with `mtu`, up, marked as weft's) if
+    /// absent. The flag says whether it was created.
     pub async fn ensure_bridge(&self, name: &str, mtu: u32) -> Result<(Link, bool), NetdevError> {
         if let Some(link) = self.link(name).await? {
             if link.kind.as_deref() != Some("bridge") {
@@ -158,48 +192,85 @@ impl Netdev {
             .link(name)
             .await?
             .ok_or_else(|| NetdevError::NoSuchInterface(name.to_owned()))?;
+        if let Err(e) = self.mark_ours(link.index, name).await {
+            let _ = self.delete_link(link.index, name).await;
+            return Err(e);
+        }
         Ok((link, true))
     }
 
-    /// (Re)creates the datapath veth pair with `mtu`, the bridge end enslaved to
-    /// `bridge`, both up. A pair left by an earlier run is deleted first. Returns
-    /// (bridge end, datapath end).
-    pub async fn create_datapath_pair(
+    /// Returns weft's metadata-mode VXLAN device on UDP `port`, a port of `bridge`
+    /// with `mtu`, up. A device of weft's from an earlier run is kept as it is when
+    /// its port matches (its programs keep forwarding meanwhile), else replaced. A
+    /// device of that name that is not weft's is an error.
+    pub async fn ensure_vxlan_device(
         &self,
-        bridge: u32,
+        port: u16,
         mtu: u32,
-    ) -> Result<(Link, Link), NetdevError> {
-        self.delete_datapath_pair().await?;
+        bridge: u32,
+    ) -> Result<Link, NetdevError> {
+        if let Some(link) = self.link(VXLAN_DEVICE).await? {
+            if !link.is_ours() {
+                return Err(NetdevError::NotOurs(VXLAN_DEVICE.to_owned()));
+            }
+            if link.vxlan == Some((port, true)) {
+                self.set_up(link.index, Some(mtu), Some(bridge)).await?;
+                return Ok(link);
+            }
+            self.delete_link(link.index, VXLAN_DEVICE).await?;
+        }
+        // Metadata mode (`external`): one device carries every peer, the tunnel key
+        // of each frame names the peer. No learning: the programs decide. IPv4 UDP
+        // checksums are zero unless a tunnel key asks for them.
         self.handle
             .link()
-            .add(LinkVeth::new(BRIDGE_PORT, DATAPATH_PORT).mtu(mtu).build())
+            .add(
+                LinkVxlan::new(VXLAN_DEVICE, 0)
+                    .port(port)
+                    .collect_metadata(true)
+                    .learning(false)
+                    .udp_csum(false)
+                    .mtu(mtu)
+                    .build(),
+            )
             .execute()
             .await
-            .map_err(|e| NetdevError::Request(format!("creating veth pair {BRIDGE_PORT}"), e))?;
-        let port = self
-            .link(BRIDGE_PORT)
+            .map_err(|e| NetdevError::Request(format!("creating {VXLAN_DEVICE}"), e))?;
+        let link = self
+            .link(VXLAN_DEVICE)
             .await?
-            .ok_or_else(|| NetdevError::NoSuchInterface(BRIDGE_PORT.to_owned()))?;
-        let datapath = self
-            .link(DATAPATH_PORT)
-            .await?
-            .ok_or_else(|| NetdevError::NoSuchInterface(DATAPATH_PORT.to_owned()))?;
-        self.set_up(datapath.index, Some(mtu), None).await?;
-        self.set_up(port.index, Some(mtu), Some(bridge)).await?;
-        Ok((port, datapath))
+            .ok_or_else(|| NetdevError::NoSuchInterface(VXLAN_DEVICE.to_owned()))?;
+        if let Err(e) = self.mark_ours(link.index, VXLAN_DEVICE).await {
+            let _ = self.delete_link(link.index, VXLAN_DEVICE).await;
+            return Err(e);
+        }
+        // Up opens the UDP socket: this is where a port taken by another VXLAN
+        // device fails. The device is then removed again.
+        if let Err(e) = self.set_up(link.index, Some(mtu), Some(bridge)).await {
+            let _ = self.delete_link(link.index, VXLAN_DEVICE).await;
+            return Err(match e {
+                NetdevError::Request(_, source) => NetdevError::Request(
+                    format!("bringing {VXLAN_DEVICE} up on UDP port {port}"),
+                    source,
+                ),
+                other => other,
+            });
+        }
+        Ok(link)
     }
 
-    /// Deletes the datapath veth pair if it exists.
-    pub async fn delete_datapath_pair(&self) -> Result<bool, NetdevError> {
-        if let Some(link) = self.link(DATAPATH_PORT).await? {
-            self.delete_link(link.index, DATAPATH_PORT).await?;
-            return Ok(true);
-        }
-        if let Some(link) = self.link(BRIDGE_PORT).await? {
-            self.delete_link(link.index, BRIDGE_PORT).await?;
-            return Ok(true);
-        }
-        Ok(false)
+    /// Sets the alias [`OWNER_ALIAS`] on a link weft created (the kernel ignores an
+    /// alias in the request that creates a link).
+    async fn mark_ours(&self, index: u32, name: &str) -> Result<(), NetdevError> {
+        let msg = LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::IfAlias(OWNER_ALIAS.to_owned()))
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NetdevError::Request(format!("marking {name} as weft's"), e))
     }
 
     /// Sets a link up, optionally with an MTU and a bridge to join.
@@ -297,156 +368,5 @@ impl Netdev {
             }
         }
         Ok(out)
-    }
-
-    /// Adds a managed neighbour entry for `addr` on `index`: the kernel resolves it
-    /// and keeps it resolved (Linux 5.16+), so the datapath's FIB lookups for
-    /// flooded frames find a MAC. Returns false if an entry already existed.
-    pub async fn add_managed_neighbour(
-        &self,
-        index: u32,
-        addr: Ipv4Addr,
-    ) -> Result<bool, NetdevError> {
-        let mut req = self
-            .handle
-            .neighbours()
-            .add(index, IpAddr::V4(addr))
-            .state(NeighbourState::None);
-        req.message_mut()
-            .attributes
-            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
-        match req.execute().await {
-            Ok(()) => Ok(true),
-            Err(rtnetlink::Error::NetlinkError(m))
-                if m.code.is_some_and(|c| c.get() == -libc::EEXIST) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(NetdevError::Request(
-                format!("adding a managed neighbour for {addr}"),
-                e,
-            )),
-        }
-    }
-
-    /// Resolved IPv4 neighbours on `index` (entries in a valid state) with their MACs.
-    pub async fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, [u8; 6])>, NetdevError> {
-        let mut out = Vec::new();
-        let mut entries = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(rtnetlink::packet_route::AddressFamily::Inet)
-            .execute();
-        while let Some(msg) = entries
-            .try_next()
-            .await
-            .map_err(|e| NetdevError::Request("listing neighbours".to_owned(), e))?
-        {
-            let valid = matches!(
-                msg.header.state,
-                NeighbourState::Reachable
-                    | NeighbourState::Stale
-                    | NeighbourState::Delay
-                    | NeighbourState::Probe
-                    | NeighbourState::Permanent
-                    | NeighbourState::Noarp
-            );
-            if msg.header.ifindex != index || !valid {
-                continue;
-            }
-            let mut addr = None;
-            let mut mac = None;
-            for attr in &msg.attributes {
-                match attr {
-                    NeighbourAttribute::Destination(
-                        rtnetlink::packet_route::neighbour::NeighbourAddress::Inet(a),
-                    ) => addr = Some(*a),
-                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
-                        let mut m = [0; 6];
-                        m.copy_from_slice(l);
-                        mac = Some(m);
-                    }
-                    _ => {}
-                }
-            }
-            if let (Some(a), Some(m)) = (addr, mac) {
-                out.push((a, m));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Deletes the neighbour entry for `addr` on `index` (absent is not an error).
-    pub async fn delete_neighbour(&self, index: u32, addr: Ipv4Addr) -> Result<(), NetdevError> {
-        let mut msg = rtnetlink::packet_route::neighbour::NeighbourMessage::default();
-        msg.header.family = rtnetlink::packet_route::AddressFamily::Inet;
-        msg.header.ifindex = index;
-        msg.attributes.push(NeighbourAttribute::Destination(
-            rtnetlink::packet_route::neighbour::NeighbourAddress::Inet(addr),
-        ));
-        match self.handle.neighbours().del(msg).execute().await {
-            Err(e) if !is_not_found(&e) => Err(NetdevError::Request(
-                format!("deleting the neighbour entry for {addr}"),
-                e,
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// Deletes the `clsact` qdisc of a link (netlink TC mode cleanup).
-    pub async fn delete_clsact(&self, index: u32) -> Result<(), NetdevError> {
-        let mut req = self.handle.qdisc().del(index as i32);
-        let msg = req.message_mut();
-        msg.header.parent = 0xffff_fff1.into();
-        msg.header.handle = 0xffff_0000.into();
-        msg.attributes.push(TcAttribute::Kind("clsact".to_owned()));
-        match req.execute().await {
-            Err(e) if !is_not_found(&e) => Err(NetdevError::Request(
-                format!("deleting the clsact qdisc of link {index}"),
-                e,
-            )),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// The next hop towards `peer` from an interface with `addrs`: the peer itself if
-/// it is on a connected prefix, else `gateway`.
-pub fn next_hop(
-    peer: Ipv4Addr,
-    addrs: &[(Ipv4Addr, u8)],
-    gateway: Option<Ipv4Addr>,
-) -> Option<Ipv4Addr> {
-    let on_link = addrs.iter().any(|&(a, len)| {
-        let mask = if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len.min(32)))
-        };
-        u32::from(a) & mask == u32::from(peer) & mask
-    });
-    if on_link { Some(peer) } else { gateway }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn next_hop_prefers_connected_prefixes() {
-        let addrs = [(Ipv4Addr::new(192, 168, 48, 11), 24)];
-        let gw = Some(Ipv4Addr::new(192, 168, 48, 1));
-        assert_eq!(
-            next_hop(Ipv4Addr::new(192, 168, 48, 12), &addrs, gw),
-            Some(Ipv4Addr::new(192, 168, 48, 12))
-        );
-        assert_eq!(next_hop(Ipv4Addr::new(10, 1, 2, 3), &addrs, gw), gw);
-        assert_eq!(next_hop(Ipv4Addr::new(10, 1, 2, 3), &addrs, None), None);
-        let host_route = [(Ipv4Addr::new(10, 0, 0, 5), 32)];
-        assert_eq!(
-            next_hop(Ipv4Addr::new(10, 0, 0, 6), &host_route, None),
-            None
-        );
     }
 }

@@ -38,13 +38,20 @@ pub const FLOOD_PEERS_PER_RUN: u32 = 128;
 /// Default age after which a learned MAC is forgotten (the Linux bridge's default).
 pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
 
-/// Programs' names in the eBPF object.
+/// Version of the maps' layout (names, types, sizes and record formats). The agent
+/// pins the maps under a directory named after it, so an agent of another layout
+/// never opens maps it would misread: it creates its own and swaps the programs
+/// over atomically. Bump it whenever a record or a map definition changes.
+pub const MAP_LAYOUT_VERSION: u32 = 2;
+
+/// Programs' names in the eBPF object. Both run on weft's metadata-mode VXLAN
+/// device, a port of the bridge.
 pub mod programs {
-    /// TC program on the bridge's datapath port (`vethwe-bridge`, egress):
-    /// encapsulates frames the bridge sends towards other hosts.
+    /// TC egress: picks the peer(s) of each frame the bridge sends to the device and
+    /// sets the tunnel key the kernel's VXLAN driver encapsulates with.
     pub const EGRESS: &str = "weft_encap";
-    /// TC program on the underlay interface (ingress): decapsulates VXLAN for this host
-    /// and hands the inner frame to the bridge.
+    /// TC ingress: checks the tunnel key of each frame the kernel's VXLAN socket
+    /// decapsulated, learns its source MAC, and lets it into the bridge.
     pub const INGRESS: &str = "weft_decap";
 }
 
@@ -52,30 +59,24 @@ pub mod programs {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathConfig {
-    /// Nonzero once the agent has filled this record; until then both programs pass
-    /// or drop everything without touching it.
+    /// Nonzero once the agent has filled this record; until then both programs drop
+    /// (and count) everything on weft's tunnel device.
     pub enabled: u32,
-    /// ifindex of the underlay interface that carries VXLAN.
-    pub underlay_ifindex: u32,
-    /// ifindex of the datapath end of the bridge's veth pair (`vethwe-datapath`):
-    /// decapsulated frames are sent out of it, into the bridge.
-    pub datapath_ifindex: u32,
-    /// This host's underlay address (outer source of everything it sends).
+    /// ifindex of weft's metadata-mode VXLAN device (`weft-vxlan`): flooded copies are
+    /// sent out of it once per peer, each with its own tunnel key.
+    pub vxlan_ifindex: u32,
+    /// This host's underlay address: the outer source of everything it sends.
     pub local_addr: [u8; 4],
     /// This host's ShortID.
     pub local_short_id: ShortId,
-    /// UDP port VXLAN is sent to and received on (6784, or control port + 1).
-    pub vxlan_port: u16,
     /// Overlay MTU: largest inner IP packet (inner frame = MTU + 14).
     pub mtu: u16,
     /// Number of valid entries in the flood list.
     pub flood_count: u16,
+    /// Padding, zero.
+    pub pad: u16,
     /// Seconds after which a learned MAC no longer steers unicast (then it floods).
     pub mac_age_secs: u32,
-    /// MAC address of the underlay interface (outer source of flooded copies).
-    pub underlay_mac: [u8; 6],
-    /// Padding, zero.
-    pub pad: [u8; 2],
 }
 
 /// One remote peer (map [`PEERS_MAP`], index = ShortID).
@@ -87,14 +88,6 @@ pub struct PeerEntry {
     pub addr: [u8; 4],
     /// Reserved for per-peer flags (encryption, overlay in use); zero for now.
     pub flags: u32,
-    /// Ethernet address of the next hop towards the peer (the peer itself on a
-    /// shared segment, else the gateway), kept current by the agent from the
-    /// kernel's neighbour table. All zero while unresolved: flooded copies to the
-    /// peer are then counted in [`Counter::FloodNoNeighbour`] instead of sent.
-    /// Unicast IP frames do not need it (the kernel resolves their next hop).
-    pub next_hop_mac: [u8; 6],
-    /// Padding, zero.
-    pub pad: [u8; 2],
 }
 
 /// Key of the learned MAC table: an Ethernet address padded to 8 bytes.
@@ -157,26 +150,21 @@ impl PeerStats {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Underlay traffic that is not weft's (not IPv4/UDP to the VXLAN port): passed to
-    /// the host's stack untouched.
+    /// Frames on weft's device that are not weft's to judge (none today; kept so
+    /// counter indexes stay stable).
     PassNotOverlay = 0,
-    /// VXLAN frames decapsulated and delivered to the bridge.
+    /// VXLAN frames decapsulated (by the kernel's VXLAN socket, after GRO) and
+    /// delivered into the bridge.
     RxDelivered,
     /// Frames encapsulated to one peer (unicast).
     TxUnicast,
     /// Frames flooded (broadcast, multicast, unknown or stale unicast).
     TxFlood,
-    /// Dropped: shorter than Ethernet + IPv4 + UDP + VXLAN + Ethernet + a minimal
-    /// payload, or shorter than its IPv4 length says.
+    /// Dropped: an inner frame shorter than an Ethernet header.
     DropTruncated,
-    /// Dropped: IPv4 with options addressed to the VXLAN port.
-    DropIpOptions,
-    /// Dropped: the outer IPv4 header checksum is wrong.
-    DropBadChecksum,
-    /// Dropped: an IPv4 fragment addressed to the VXLAN port.
-    DropFragment,
-    /// Dropped: VXLAN header without the I flag.
-    DropBadVxlan,
+    /// Dropped: a received frame without tunnel metadata (not from the VXLAN
+    /// socket), or a tunnel key the kernel would not read.
+    DropNoTunnelKey,
     /// Dropped: the VNI's destination ShortID is not this host.
     DropWrongDestination,
     /// Dropped: the VNI's source ShortID is not a known peer.
@@ -186,13 +174,12 @@ pub enum Counter {
     /// Dropped: a non-GSO frame larger than MTU + Ethernet header, or any frame
     /// too large for one outer IPv4 packet.
     DropTooBig,
-    /// Dropped: the kernel refused to grow or shrink the packet.
-    DropResizeFailed,
+    /// Dropped: the kernel refused the tunnel key for a frame to send.
+    DropSetTunnelKey,
     /// Dropped: no peers to flood to.
     DropNoPeers,
-    /// A flood copy (or a non-IP unicast frame) was not sent: the next hop towards
-    /// that peer has no resolved Ethernet address yet.
-    FloodNoNeighbour,
+    /// A flood copy to one peer could not be made (`bpf_clone_redirect` failed).
+    FloodCopyFailed,
     /// A flood stopped early: the tail call that continues it failed (the jump
     /// table is not set up).
     FloodTruncated,
@@ -211,17 +198,14 @@ impl Counter {
         Counter::TxUnicast,
         Counter::TxFlood,
         Counter::DropTruncated,
-        Counter::DropIpOptions,
-        Counter::DropBadChecksum,
-        Counter::DropFragment,
-        Counter::DropBadVxlan,
+        Counter::DropNoTunnelKey,
         Counter::DropWrongDestination,
         Counter::DropUnknownSource,
         Counter::DropSourceMismatch,
         Counter::DropTooBig,
-        Counter::DropResizeFailed,
+        Counter::DropSetTunnelKey,
         Counter::DropNoPeers,
-        Counter::FloodNoNeighbour,
+        Counter::FloodCopyFailed,
         Counter::FloodTruncated,
         Counter::DropNotConfigured,
     ];
@@ -234,17 +218,14 @@ impl Counter {
             Counter::TxUnicast => "tx_unicast",
             Counter::TxFlood => "tx_flood",
             Counter::DropTruncated => "drop_truncated",
-            Counter::DropIpOptions => "drop_ip_options",
-            Counter::DropBadChecksum => "drop_bad_checksum",
-            Counter::DropFragment => "drop_fragment",
-            Counter::DropBadVxlan => "drop_bad_vxlan",
+            Counter::DropNoTunnelKey => "drop_no_tunnel_key",
             Counter::DropWrongDestination => "drop_wrong_destination",
             Counter::DropUnknownSource => "drop_unknown_source",
             Counter::DropSourceMismatch => "drop_source_mismatch",
             Counter::DropTooBig => "drop_too_big",
-            Counter::DropResizeFailed => "drop_resize_failed",
+            Counter::DropSetTunnelKey => "drop_set_tunnel_key",
             Counter::DropNoPeers => "drop_no_peers",
-            Counter::FloodNoNeighbour => "flood_no_neighbour",
+            Counter::FloodCopyFailed => "flood_copy_failed",
             Counter::FloodTruncated => "flood_truncated",
             Counter::DropNotConfigured => "drop_not_configured",
         }
@@ -275,8 +256,9 @@ mod tests {
 
     #[test]
     fn records_have_no_implicit_padding() {
-        assert_eq!(size_of::<DatapathConfig>(), 36);
-        assert_eq!(size_of::<PeerEntry>(), 16);
+        // A change here changes the pinned maps: bump MAP_LAYOUT_VERSION with it.
+        assert_eq!(size_of::<DatapathConfig>(), 24);
+        assert_eq!(size_of::<PeerEntry>(), 8);
         assert_eq!(size_of::<MacKey>(), 8);
         assert_eq!(size_of::<MacEntry>(), 16);
         assert_eq!(size_of::<PeerStats>(), 32);

@@ -1,20 +1,19 @@
-//! weft's kernel side: two TC programs that carry bridge frames between hosts in
-//! VXLAN, wire-compatible with Weave Net's fast datapath.
+//! weft's kernel side: two TC programs on weft's metadata-mode VXLAN device
+//! (`weft-vxlan`, a port of the `weave` bridge) that make the forwarding decisions of
+//! Weave Net's fast datapath, while the kernel's VXLAN driver does the
+//! encapsulation, so the wire stays byte-compatible and packets take the kernel's
+//! own paths:
 //!
-//! - [`weft_encap`] runs on egress of `vethwe-bridge`, the bridge port through which
-//!   the `weave` bridge sends every frame meant for other hosts. It picks the peer
-//!   from the learned MAC table (or floods), writes outer IPv4/UDP/VXLAN headers in
-//!   front of the frame, and redirects it out of the underlay interface, so the frame
-//!   never crosses the veth pair.
-//! - [`weft_decap`] runs on ingress of the underlay interface. It passes everything
-//!   that is not VXLAN to weft's port untouched, checks that the VNI names this host
-//!   and a known peer sending from its own address, learns the inner source MAC,
-//!   strips the outer headers and sends the inner frame out of `vethwe-datapath`,
-//!   whose peer `vethwe-bridge` delivers it into the bridge.
-//!
-//! Both keep GSO packets whole: growing and shrinking go through
-//! `bpf_skb_adjust_room` with the tunnel flags, so the kernel segments (or the NIC
-//! offloads) encapsulated TCP exactly as it does for its own VXLAN device.
+//! - [`weft_encap`] runs on egress of the device, for every frame the bridge sends
+//!   towards other hosts. It picks the peer from the learned MAC table (or floods to
+//!   every peer) and sets the frame's tunnel key: VNI `dst << 12 | src`, outer
+//!   destination and source, TTL 64, DF, UDP checksum zero. The driver then builds
+//!   the outer headers and sends the packet through the IP output path (routing,
+//!   netfilter, XFRM), with GSO kept whole.
+//! - [`weft_decap`] runs on ingress of the device, after the kernel's VXLAN socket
+//!   has received (and GRO-coalesced) and decapsulated a packet for a local address.
+//!   It checks that the VNI names this host and a known peer sending from its own
+//!   address, learns the inner source MAC, and lets the frame into the bridge.
 #![no_std]
 #![no_main]
 // aya's `#[classifier]` wraps each program in a function taking the raw context,
@@ -32,28 +31,21 @@ mod maps;
 mod packet;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN},
-    helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
 use weft_common::{
-    maps::{Counter, DatapathConfig, FLOOD_PEERS_PER_RUN, PeerEntry},
-    wire::{
-        ENCAP_HEADERS_LEN, ENCAP_OVERHEAD, ETH_LEN, EncapHeaders, INNER_ETH_OFFSET, IPPROTO_UDP,
-        IPV4_FRAG_MASK, IPV4_LEN, MAX_INNER_FRAME, MIN_INNER_PAYLOAD, VXLAN_FLAG_I, ipv4_checksum,
-        src_port_from_hash, vni, vni_dst, vni_src,
-    },
+    maps::{Counter, DatapathConfig, FLOOD_PEERS_PER_RUN},
+    wire::{ETH_LEN, MAX_INNER_FRAME, vni_dst, vni_src},
 };
 
 use crate::{
     maps::{FLOOD, JUMP, config, count, count_peer, peer, set_flood_cursor, take_flood_cursor},
-    packet::{
-        grow, is_ip, learn_mac, lookup_mac, next_hop_mac, read_at, shrink, skb, store_headers,
-    },
+    packet::{learn_mac, lookup_mac, read_at, set_tunnel_key, skb, tunnel_key},
 };
 
-/// Encapsulates a frame from the bridge and sends it to its peer(s).
+/// Chooses the peer(s) of a frame the bridge sends towards other hosts.
 #[classifier]
 pub fn weft_encap(ctx: TcContext) -> i32 {
     match try_encap(&ctx) {
@@ -67,122 +59,55 @@ pub fn weft_encap(ctx: TcContext) -> i32 {
 
 fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     let cfg = config().ok_or(Counter::DropNotConfigured)?;
-    if let Some(start) = take_flood_cursor() {
-        return flood_continue(ctx, &cfg, start);
-    }
     let len = ctx.len();
+    if let Some(start) = take_flood_cursor() {
+        return flood_run(ctx, &cfg, len, start);
+    }
+    if let Some(key) = tunnel_key(ctx)
+        && vni_src(key.tunnel_id) == cfg.local_short_id
+    {
+        // A flood copy this program made (frames from the bridge carry no tunnel
+        // key of this host's): its key is set, the driver encapsulates it.
+        return Ok(TC_ACT_OK);
+    }
     // SAFETY: `skb` points at the program's context for the whole run.
     let gso = unsafe { (*skb(ctx)).gso_size } != 0;
     if (!gso && len > cfg.mtu as u32 + ETH_LEN as u32) || len > MAX_INNER_FRAME {
         return Err(Counter::DropTooBig);
     }
     // The Ethernet header is always in the linear area at TC; load it only if not.
-    let inner_eth: [u8; ETH_LEN] = match read_at(ctx, 0) {
-        Some(eth) => eth,
+    let dst_mac: [u8; 6] = match read_at(ctx, 0) {
+        Some(mac) => mac,
         None => ctx.load(0).map_err(|_| Counter::DropTruncated)?,
     };
-    // SAFETY: as above; the hash only reads the skb.
-    let hash = unsafe { bpf_get_hash_recalc(skb(ctx)) };
-    // Destination, VNI and checksum are filled per copy by `set_destination`.
-    let mut headers = EncapHeaders::without_destination(
-        &inner_eth,
-        len,
-        cfg.local_addr,
-        src_port_from_hash(hash),
-        cfg.vxlan_port,
-    );
-
-    let dst_mac = [
-        inner_eth[0],
-        inner_eth[1],
-        inner_eth[2],
-        inner_eth[3],
-        inner_eth[4],
-        inner_eth[5],
-    ];
     let unicast = if dst_mac[0] & 1 == 0 {
         lookup_mac(&dst_mac, &cfg)
     } else {
         None
     };
     match unicast {
-        Some((short_id, peer)) => unicast_to(ctx, &cfg, &mut headers, short_id, &peer, len),
-        None => flood(ctx, &cfg, &mut headers, len),
+        Some((short_id, peer)) => {
+            set_tunnel_key(ctx, &cfg, short_id, &peer)?;
+            count_peer(short_id, len, true);
+            count(Counter::TxUnicast);
+            Ok(TC_ACT_OK)
+        }
+        None => {
+            if cfg.flood_count == 0 {
+                return Err(Counter::DropNoPeers);
+            }
+            count(Counter::TxFlood);
+            flood_run(ctx, &cfg, len, 0)
+        }
     }
 }
 
-/// Sends the frame to one peer.
+/// Sends the frame to flood-list entries `start..`, at most [`FLOOD_PEERS_PER_RUN`]
+/// of them in this run: a copy per peer (`bpf_clone_redirect` back into this
+/// device, where the copy passes this program by its tunnel key), and the frame
+/// itself to the last peer. A longer list continues in a tail call of this program.
 #[inline(always)]
-fn unicast_to(
-    ctx: &TcContext,
-    cfg: &DatapathConfig,
-    headers: &mut EncapHeaders,
-    short_id: u32,
-    peer: &PeerEntry,
-    len: u32,
-) -> Result<i32, Counter> {
-    headers.set_destination(peer.addr, vni(short_id as u16, cfg.local_short_id));
-    let ip = is_ip(ctx);
-    // Non-IP frames (ARP replies) cannot use bpf_redirect_neigh, which needs an IP
-    // skb: they go straight to the next hop's known MAC instead.
-    let next_hop = if ip {
-        None
-    } else {
-        Some(next_hop_mac(peer).ok_or(Counter::FloodNoNeighbour)?)
-    };
-    grow(ctx, ip)?;
-    if let Some(mac) = &next_hop {
-        headers.set_outer_macs(&cfg.underlay_mac, mac);
-    }
-    store_headers(ctx, headers)?;
-    count_peer(short_id, len, true);
-    count(Counter::TxUnicast);
-    let action = match next_hop {
-        // SAFETY: a helper call; NULL params ask the kernel to do the FIB lookup.
-        None => unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) },
-        // SAFETY: a helper call with a map-derived ifindex.
-        Some(_) => unsafe { bpf_redirect(cfg.underlay_ifindex, 0) },
-    };
-    Ok(action as i32)
-}
-
-/// Starts a flood: grows the frame once and copies it to the peers of the flood
-/// list, the first [`FLOOD_PEERS_PER_RUN`] in this run.
-#[inline(always)]
-fn flood(
-    ctx: &TcContext,
-    cfg: &DatapathConfig,
-    headers: &mut EncapHeaders,
-    len: u32,
-) -> Result<i32, Counter> {
-    if cfg.flood_count == 0 {
-        return Err(Counter::DropNoPeers);
-    }
-    grow(ctx, is_ip(ctx))?;
-    count(Counter::TxFlood);
-    flood_run(ctx, cfg, headers, len, 0)
-}
-
-/// Continues a flood in a tail-called run: the frame is already encapsulated (for
-/// the last peer of the previous run), so only the destination changes.
-#[inline(always)]
-fn flood_continue(ctx: &TcContext, cfg: &DatapathConfig, start: u32) -> Result<i32, Counter> {
-    let mut headers: EncapHeaders = ctx.load(0).map_err(|_| Counter::DropTruncated)?;
-    let len = ctx.len().saturating_sub(ENCAP_OVERHEAD as u32);
-    flood_run(ctx, cfg, &mut headers, len, start)
-}
-
-/// Copies the encapsulated frame to flood-list entries `start..`, at most
-/// [`FLOOD_PEERS_PER_RUN`] of them, then hands the rest to a tail call of this
-/// program. The original frame is consumed.
-#[inline(always)]
-fn flood_run(
-    ctx: &TcContext,
-    cfg: &DatapathConfig,
-    headers: &mut EncapHeaders,
-    len: u32,
-    start: u32,
-) -> Result<i32, Counter> {
+fn flood_run(ctx: &TcContext, cfg: &DatapathConfig, len: u32, start: u32) -> Result<i32, Counter> {
     let n = cfg.flood_count as u32;
     for k in 0..FLOOD_PEERS_PER_RUN {
         let i = start + k;
@@ -195,15 +120,14 @@ fn flood_run(
         let Some(peer) = peer(short_id) else {
             continue;
         };
-        let Some(mac) = next_hop_mac(&peer) else {
-            count(Counter::FloodNoNeighbour);
-            continue;
-        };
-        headers.set_destination(peer.addr, vni(short_id as u16, cfg.local_short_id));
-        headers.set_outer_macs(&cfg.underlay_mac, &mac);
-        store_headers(ctx, headers)?;
-        if ctx.clone_redirect(cfg.underlay_ifindex, 0).is_ok() {
-            count_peer(short_id, len, true);
+        set_tunnel_key(ctx, cfg, short_id, &peer)?;
+        count_peer(short_id, len, true);
+        if i + 1 == n {
+            // The last peer gets the frame itself: no copy.
+            return Ok(TC_ACT_OK);
+        }
+        if ctx.clone_redirect(cfg.vxlan_ifindex, 0).is_err() {
+            count(Counter::FloodCopyFailed);
         }
     }
     let next = start + FLOOD_PEERS_PER_RUN;
@@ -215,10 +139,11 @@ fn flood_run(
         take_flood_cursor();
         count(Counter::FloodTruncated);
     }
-    Ok(TC_ACT_STOLEN)
+    // The last peer's slot was empty (a peer removed meanwhile): every copy is out.
+    Ok(TC_ACT_SHOT)
 }
 
-/// Decapsulates VXLAN addressed to this host; passes everything else.
+/// Accepts or drops a frame the kernel's VXLAN socket decapsulated.
 #[classifier]
 pub fn weft_decap(ctx: TcContext) -> i32 {
     match try_decap(&ctx) {
@@ -230,114 +155,29 @@ pub fn weft_decap(ctx: TcContext) -> i32 {
     }
 }
 
-/// Counts and passes a packet that is not weft's.
-#[inline(always)]
-fn pass() -> Result<i32, Counter> {
-    count(Counter::PassNotOverlay);
-    Ok(TC_ACT_OK)
-}
-
 fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
-    let Some(cfg) = config() else {
-        // Not configured: the host's own traffic must keep flowing.
-        return Ok(TC_ACT_OK);
-    };
-    if ctx.data() + ENCAP_HEADERS_LEN > ctx.data_end() {
-        // Headers not all in the linear area (or a short packet): pull what exists.
-        let want = if ctx.len() < ENCAP_HEADERS_LEN as u32 {
-            ctx.len()
-        } else {
-            ENCAP_HEADERS_LEN as u32
-        };
-        let _ = ctx.pull_data(want);
-    }
-    let Some(eth_type) = read_at::<[u8; 2]>(ctx, 12) else {
-        return pass();
-    };
-    if eth_type != [0x08, 0x00] {
-        return pass();
-    }
-    let Some(ip) = read_at::<[u8; IPV4_LEN]>(ctx, ETH_LEN) else {
-        return pass();
-    };
-    if ip[0] >> 4 != 4 || ip[9] != IPPROTO_UDP {
-        return pass();
-    }
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if ihl != IPV4_LEN {
-        // Weave never sends options; drop them only when they hide weft's port.
-        if ihl > IPV4_LEN
-            && frag & 0x1fff == 0
-            && let Ok(port) = ctx.load::<[u8; 2]>(ETH_LEN + ihl + 2)
-            && u16::from_be_bytes(port) == cfg.vxlan_port
-        {
-            return Err(Counter::DropIpOptions);
-        }
-        return pass();
-    }
-    if frag & 0x1fff != 0 {
-        // A later fragment: no UDP header to judge by.
-        return pass();
-    }
-    let Some(udp) = read_at::<[u8; 8]>(ctx, ETH_LEN + IPV4_LEN) else {
-        return pass();
-    };
-    if u16::from_be_bytes([udp[2], udp[3]]) != cfg.vxlan_port {
-        return pass();
-    }
-    // From here on the packet is addressed to weft: it is delivered or dropped.
-    // The stack has not checked the outer header yet (TC runs before ip_rcv).
-    if ipv4_checksum(&ip) != 0 {
-        return Err(Counter::DropBadChecksum);
-    }
-    if frag & IPV4_FRAG_MASK != 0 {
-        return Err(Counter::DropFragment);
-    }
-    // The IP length must cover everything up to the inner frame and fit the packet
-    // (the stack, which would check this, never sees it), and the inner frame must
-    // carry at least a minimal payload (what `bpf_skb_adjust_room` can shrink to).
-    let ip_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
-    if ip_len + ETH_LEN as u32 > ctx.len()
-        || ip_len < (ENCAP_HEADERS_LEN - ETH_LEN) as u32
-        || ctx.len() < (ENCAP_HEADERS_LEN + MIN_INNER_PAYLOAD) as u32
-    {
-        return Err(Counter::DropTruncated);
-    }
-    let vxlan = read_at::<[u8; 8]>(ctx, ETH_LEN + IPV4_LEN + 8).ok_or(Counter::DropTruncated)?;
-    let inner_eth =
-        read_at::<[u8; ETH_LEN]>(ctx, INNER_ETH_OFFSET).ok_or(Counter::DropTruncated)?;
-    if vxlan[0] & VXLAN_FLAG_I == 0 {
-        return Err(Counter::DropBadVxlan);
-    }
-    let vni = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
-    if vni_dst(vni) != cfg.local_short_id {
+    let cfg = config().ok_or(Counter::DropNotConfigured)?;
+    let key = tunnel_key(ctx).ok_or(Counter::DropNoTunnelKey)?;
+    let vni = key.tunnel_id;
+    if vni >> 24 != 0 || vni_dst(vni) != cfg.local_short_id {
         return Err(Counter::DropWrongDestination);
     }
     let src = vni_src(vni) as u32;
     let peer = peer(src).ok_or(Counter::DropUnknownSource)?;
-    if peer.addr != [ip[12], ip[13], ip[14], ip[15]] {
+    // SAFETY: the kernel filled the IPv4 member (the device is IPv4-only, and
+    // `tunnel_key` did not ask for IPv6).
+    let remote = unsafe { key.__bindgen_anon_1.remote_ipv4 };
+    if remote != u32::from_be_bytes(peer.addr) {
         return Err(Counter::DropSourceMismatch);
     }
-    learn_mac(
-        &[
-            inner_eth[6],
-            inner_eth[7],
-            inner_eth[8],
-            inner_eth[9],
-            inner_eth[10],
-            inner_eth[11],
-        ],
-        src,
-    );
-    let inner_len = ctx.len() - INNER_ETH_OFFSET as u32;
-    shrink(ctx, ENCAP_OVERHEAD as i32)?;
-    ctx.store(0, &inner_eth, 0)
-        .map_err(|_| Counter::DropResizeFailed)?;
-    count_peer(src, inner_len, false);
+    let src_mac: [u8; 6] = match read_at(ctx, 6) {
+        Some(mac) => mac,
+        None => ctx.load(6).map_err(|_| Counter::DropTruncated)?,
+    };
+    learn_mac(&src_mac, src);
+    count_peer(src, ctx.len(), false);
     count(Counter::RxDelivered);
-    // SAFETY: plain helper call with a map-derived ifindex.
-    Ok(unsafe { bpf_redirect(cfg.datapath_ifindex, 0) } as i32)
+    Ok(TC_ACT_OK)
 }
 
 #[cfg(not(test))]

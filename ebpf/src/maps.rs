@@ -1,5 +1,11 @@
 //! The BPF maps both programs share. Names and record types come from
 //! `weft_common::maps`, where each map is documented; the agent opens them by name.
+//!
+//! Every map is pinned by name (under a directory the agent chooses), so the
+//! datapath keeps its state while no agent runs and a restarted agent adopts it. The
+//! jump table must be pinned too: the kernel empties a program array when its last
+//! user-space reference goes away, which would truncate floods while the agent is
+//! down.
 
 use aya_ebpf::{
     macros::map,
@@ -11,19 +17,19 @@ use weft_common::maps::{
 
 /// Datapath settings (one entry). See [`DatapathConfig`].
 #[map(name = "WEFT_CONFIG")]
-pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 /// Remote peers, indexed by ShortID (empty slots have address 0.0.0.0).
 #[map(name = "WEFT_PEERS")]
-pub static PEERS: Array<PeerEntry> = Array::with_max_entries(MAX_PEERS, 0);
+pub static PEERS: Array<PeerEntry> = Array::pinned(MAX_PEERS, 0);
 
 /// ShortIDs a flooded frame is copied to (first `flood_count` entries).
 #[map(name = "WEFT_FLOOD")]
-pub static FLOOD: Array<u32> = Array::with_max_entries(MAX_PEERS, 0);
+pub static FLOOD: Array<u32> = Array::pinned(MAX_PEERS, 0);
 
 /// `weft_encap` itself at slot 0, for continuing long floods in a tail call.
 #[map(name = "WEFT_JUMP")]
-pub static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static JUMP: ProgramArray = ProgramArray::pinned(1, 0);
 
 /// Where a flood continues in the next run of `weft_encap` (per CPU).
 ///
@@ -41,19 +47,19 @@ pub struct FloodCursor {
 
 /// Per-CPU [`FloodCursor`] (one entry).
 #[map(name = "WEFT_FLOOD_CURSOR")]
-pub static FLOOD_CURSOR: PerCpuArray<FloodCursor> = PerCpuArray::with_max_entries(1, 0);
+pub static FLOOD_CURSOR: PerCpuArray<FloodCursor> = PerCpuArray::pinned(1, 0);
 
 /// Inner MAC -> peer, learned from decapsulated frames.
 #[map(name = "WEFT_MACS")]
-pub static MACS: LruHashMap<MacKey, MacEntry> = LruHashMap::with_max_entries(MAX_MACS, 0);
+pub static MACS: LruHashMap<MacKey, MacEntry> = LruHashMap::pinned(MAX_MACS, 0);
 
 /// Per-CPU traffic counters per peer, indexed by ShortID.
 #[map(name = "WEFT_PEER_STATS")]
-pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::pinned(MAX_PEERS, 0);
 
 /// Per-CPU pass/drop counters, indexed by [`Counter`].
 #[map(name = "WEFT_COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 
 /// Adds one to counter `c` on this CPU.
 #[inline(always)]

@@ -1,21 +1,17 @@
-//! Packet access and the kernel calls the programs share, each written for the
-//! verifier: every read is bounds-checked against `data_end`, every loop is bounded.
+//! Packet access, tunnel keys and the MAC table, as the programs share them, each
+//! written for the verifier: every read is bounds-checked against `data_end`.
 
 use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        __sk_buff, BPF_ADJ_ROOM_ENCAP_L2_MASK, BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    },
-    helpers::bpf_ktime_get_coarse_ns,
+    bindings::{__sk_buff, BPF_F_DONT_FRAGMENT, BPF_F_ZERO_CSUM_TX, bpf_tunnel_key},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
 use weft_common::{
     maps::{Counter, DatapathConfig, MacEntry, MacKey, PeerEntry},
-    wire::{ENCAP_OVERHEAD, ETH_LEN, EncapHeaders},
+    wire::{OUTER_TTL, vni},
 };
 
 use crate::maps::{MACS, peer};
@@ -44,58 +40,49 @@ pub fn read_at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     Some(unsafe { ((start + offset) as *const T).read_unaligned() })
 }
 
-/// Whether the skb carries IPv4 or IPv6 (`skb->protocol`), which is what
-/// `bpf_skb_adjust_room` and `bpf_redirect_neigh` accept.
+/// The tunnel key the kernel's VXLAN driver attached to a received frame (or that
+/// this program set on a copy it made), if there is one.
 #[inline(always)]
-pub fn is_ip(ctx: &TcContext) -> bool {
-    // SAFETY: reading a context field.
-    let proto = u16::from_be(unsafe { (*skb(ctx)).protocol } as u16);
-    proto == 0x0800 || proto == 0x86dd
-}
-
-/// Makes room for the outer headers in front of the inner Ethernet header.
-///
-/// IP frames grow with `bpf_skb_adjust_room` and the UDP-tunnel flags, so a GSO
-/// packet stays one packet and is segmented as VXLAN later. Other frames (ARP) are
-/// never GSO and grow at the head instead. Either way the packet then starts with 50
-/// bytes of room followed by (a copy of) the inner Ethernet header.
-#[inline(always)]
-pub fn grow(ctx: &TcContext, ip: bool) -> Result<(), Counter> {
-    let res = if ip {
-        let flags = (BPF_F_ADJ_ROOM_FIXED_GSO
-            | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
-            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
-            | ((ETH_LEN as u64 & BPF_ADJ_ROOM_ENCAP_L2_MASK as u64)
-                << BPF_ADJ_ROOM_ENCAP_L2_SHIFT as u64);
-        ctx.adjust_room(ENCAP_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
-    } else {
-        ctx.skb.change_head(ENCAP_OVERHEAD as u32, 0)
+pub fn tunnel_key(ctx: &TcContext) -> Option<bpf_tunnel_key> {
+    // SAFETY: all-zero bytes are a valid `bpf_tunnel_key` (integers and unions of them).
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: a helper call writing at most `size_of::<bpf_tunnel_key>()` bytes into
+    // `key`, which lives on this stack frame.
+    let ret = unsafe {
+        bpf_skb_get_tunnel_key(skb(ctx), &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
     };
-    res.map_err(|_| Counter::DropResizeFailed)
+    (ret == 0).then_some(key)
 }
 
-/// Removes `len` bytes after the outer Ethernet header (the decapsulation).
+/// Sets the tunnel key the VXLAN driver encapsulates the frame with: Weave's VNI,
+/// the peer as outer destination, this host as outer source, TTL 64, DF, and a UDP
+/// checksum of zero. The driver picks the per-flow UDP source port.
 #[inline(always)]
-pub fn shrink(ctx: &TcContext, len: i32) -> Result<(), Counter> {
-    ctx.adjust_room(-len, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
-        .map_err(|_| Counter::DropResizeFailed)
-}
-
-/// Writes the outer headers and the inner Ethernet header at the packet's start.
-#[inline(always)]
-pub fn store_headers(ctx: &TcContext, headers: &EncapHeaders) -> Result<(), Counter> {
-    ctx.store(0, headers, 0)
-        .map_err(|_| Counter::DropResizeFailed)
-}
-
-/// The resolved Ethernet address of the next hop towards `peer`, if known.
-#[inline(always)]
-pub fn next_hop_mac(peer: &PeerEntry) -> Option<[u8; 6]> {
-    if peer.next_hop_mac == [0; 6] {
-        None
+pub fn set_tunnel_key(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    short_id: u32,
+    peer: &PeerEntry,
+) -> Result<(), Counter> {
+    // SAFETY: as in `tunnel_key`.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = vni(short_id as u16, cfg.local_short_id);
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(peer.addr);
+    key.__bindgen_anon_3.local_ipv4 = u32::from_be_bytes(cfg.local_addr);
+    key.tunnel_ttl = OUTER_TTL;
+    // SAFETY: a helper call reading `size_of::<bpf_tunnel_key>()` bytes from `key`.
+    let ret = unsafe {
+        bpf_skb_set_tunnel_key(
+            skb(ctx),
+            &mut key,
+            size_of::<bpf_tunnel_key>() as u32,
+            (BPF_F_ZERO_CSUM_TX | BPF_F_DONT_FRAGMENT) as u64,
+        )
+    };
+    if ret == 0 {
+        Ok(())
     } else {
-        Some(peer.next_hop_mac)
+        Err(Counter::DropSetTunnelKey)
     }
 }
 

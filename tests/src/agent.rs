@@ -1,11 +1,12 @@
 //! Running the weft agent on testbed hosts.
 //!
-//! Each host's agent runs as `ip netns exec <host ns> <agent> run --iface eth0 --name
-//! <PeerName> --peers-file <dir>/h<N>.peers.toml --socket <dir>/h<N>.sock`, in its own
-//! process group, with stdout and stderr appended to `<dir>/h<N>.log`.
+//! Each host's agent runs as `nsenter --net=/run/netns/<host ns> <agent> run --iface
+//! eth0 --name <PeerName> --peers-file <dir>/h<N>.peers.toml --socket <dir>/h<N>.sock
+//! --bpffs <testbed's bpffs dir>`, in its own process group, with stdout and stderr
+//! appended to `<dir>/h<N>.log`.
 //!
-//! Note: `ip netns exec` runs the program in a fresh mount namespace with a sysfs of
-//! the target network namespace; bpffs is not mounted at `/sys/fs/bpf` there.
+//! Not `ip netns exec`: that runs the program in a fresh mount namespace where bpffs
+//! is not mounted, so nothing pinned would outlive the agent.
 
 use std::{
     fs::{File, OpenOptions},
@@ -17,7 +18,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::{
-    cmd::{POLL, command_line, describe_status, ns_command, output, run_timeout, tail},
+    cmd::{POLL, command_line, describe_status, host_command, output, run_timeout, tail},
     signal::interrupted,
     testbed::Testbed,
 };
@@ -112,7 +113,22 @@ impl Testbed {
             self.peers_path(n).display().to_string(),
             "--socket".into(),
             self.socket_path(n).display().to_string(),
+            "--bpffs".into(),
+            self.bpffs_dir().display().to_string(),
         ])
+    }
+
+    /// Runs `<agent> reset` on host `n` (the agent must be stopped) and returns what
+    /// it printed; fails if it exits nonzero.
+    pub fn reset_agent(&self, n: u8, agent_bin: &Path) -> Result<String> {
+        let host = self.host(n)?;
+        let mut cmd = host_command(&host.ns, agent_bin);
+        cmd.arg("reset")
+            .arg("--socket")
+            .arg(self.socket_path(n))
+            .arg("--bpffs")
+            .arg(self.bpffs_dir());
+        run_timeout(&mut cmd, Duration::from_secs(20))
     }
 
     /// Starts the agent on host `n` with [`Testbed::agent_args`] plus `extra_args`,
@@ -121,6 +137,18 @@ impl Testbed {
     /// Fails, with the log's tail, if the agent exits or is not ready in time (it is
     /// then killed).
     pub fn start_agent(&mut self, n: u8, agent_bin: &Path, extra_args: &[&str]) -> Result<()> {
+        let mut args = self.agent_args(n)?;
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        self.start_agent_with_args(n, agent_bin, &args)
+    }
+
+    /// As [`Testbed::start_agent`], with exactly `args` after the binary.
+    pub fn start_agent_with_args(
+        &mut self,
+        n: u8,
+        agent_bin: &Path,
+        args: &[String],
+    ) -> Result<()> {
         let host = self.host(n)?.clone();
         if host.is_kernel_vxlan() {
             bail!("host {n} is a kernel-VXLAN host; it must not run an agent");
@@ -139,8 +167,8 @@ impl Testbed {
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let offset = log.metadata()?.len();
-        let mut cmd = ns_command(&host.ns, agent_bin);
-        cmd.args(self.agent_args(n)?).args(extra_args);
+        let mut cmd = host_command(&host.ns, agent_bin);
+        cmd.args(args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -309,7 +337,7 @@ impl Testbed {
         timeout: Duration,
     ) -> Result<AgentExit> {
         let host = self.host(n)?;
-        let mut cmd = ns_command(&host.ns, agent_bin);
+        let mut cmd = host_command(&host.ns, agent_bin);
         cmd.args(args);
         let line = command_line(&cmd);
         let out = output(&mut cmd, timeout)

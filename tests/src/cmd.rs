@@ -54,6 +54,18 @@ pub fn describe_status(status: &ExitStatus) -> String {
     }
 }
 
+/// Prepares a command to run in network namespace `ns` only (`nsenter --net`): unlike
+/// `ip netns exec` it keeps the host's mounts, bpffs included, as a DaemonSet pod
+/// with `hostNetwork` and a hostPath `/sys/fs/bpf` sees them. Agents run this way,
+/// so their pinned datapath survives them.
+pub fn host_command<S: AsRef<std::ffi::OsStr>>(ns: &str, program: S) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(program);
+    c
+}
+
 /// Prepares a command to run inside network namespace `ns` (`ip netns exec ns ...`).
 pub fn ns_command<S: AsRef<std::ffi::OsStr>>(ns: &str, program: S) -> Command {
     let mut c = Command::new("ip");

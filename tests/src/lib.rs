@@ -34,6 +34,6 @@ pub use peers::{peers_toml, write_peers_file};
 pub use signal::{install_interrupt_handler, interrupted};
 pub use testbed::{Host, Pod, Testbed, cleanup_stale, is_root, serial};
 pub use traffic::{
-    PingReport, Transfer, capture_vxlan, links_with_prefix, ns_exec, ping, pod_exec, pod_mac,
-    tcp_transfer, wait_ping,
+    PingReport, Transfer, capture_vxlan, links_with_prefix, ns_exec, ping, ping_stream, pod_exec,
+    pod_mac, tcp_transfer, wait_ping,
 };

@@ -2,15 +2,25 @@
 //! eBPF programs through `BPF_PROG_TEST_RUN` (the eBPF tests and the benchmark's
 //! per-packet costs share them).
 //!
-//! The scene: this host is ShortID 1 at 192.168.48.11 on `ul0`; peers 2 and 3 sit at
-//! .12 and .13 with resolved next-hop MACs; a pod behind peer 2 has MAC
-//! [`POD_REMOTE`], a local pod [`POD_LOCAL`].
+//! The scene: this host is ShortID 1 at 192.168.48.11 on `ul0`, with a
+//! metadata-mode VXLAN device `vx0` (what the agent's `weft-vxlan` is) that flood
+//! copies are sent through; peers 2 and 3 sit at .12 and .13 (static neighbour
+//! entries, so encapsulated copies leave `ul0` at once); a pod behind peer 2 has MAC
+//! [`POD_REMOTE`], a local pod [`POD_LOCAL`]. Frames leaving `ul0` arrive on its
+//! veth peer `ul0p`, where a [`PacketTap`] can read them.
 
-use std::{path::Path, process::Command};
+use std::{
+    ffi::CStr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, ProgramArray},
     programs::SchedClassifier,
 };
@@ -28,24 +38,27 @@ pub const LOCAL: [u8; 4] = [192, 168, 48, 11];
 pub const PEER2: [u8; 4] = [192, 168, 48, 12];
 /// Peer 3's underlay address.
 pub const PEER3: [u8; 4] = [192, 168, 48, 13];
-/// MAC of the next hop towards peer 2.
+/// MAC of peer 2 (a static neighbour entry on `ul0`).
 pub const PEER2_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x12];
-/// MAC of the next hop towards peer 3.
+/// MAC of peer 3 (a static neighbour entry on `ul0`).
 pub const PEER3_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x13];
+/// The gateway 192.168.48.1 through which [`FAR_PEERS`] are routed.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+/// Peers outside the underlay's prefix, routed through the gateway.
+pub const FAR_PEERS: &str = "10.99.0.0/16";
 /// MAC of this host's underlay interface `ul0`.
 pub const UL0_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x11];
 /// A pod on this host.
 pub const POD_LOCAL: [u8; 6] = [0x02, 0x11, 0, 0, 0, 1];
 /// A pod behind peer 2.
 pub const POD_REMOTE: [u8; 6] = [0x02, 0x22, 0, 0, 0, 1];
-/// A made-up ifindex for `vethwe-datapath` (test runs never perform redirects).
-pub const DATAPATH_IFINDEX: u32 = 77;
 /// The overlay MTU configured.
 pub const MTU: u16 = 1376;
 
 /// Moves the calling thread into a fresh network namespace holding `ul0`, a veth
-/// whose peer `ul0p` swallows whatever leaves, and returns `ul0`'s ifindex. Commands
-/// started from this thread afterwards run in that namespace; it dies with the thread.
+/// whose peer `ul0p` swallows whatever leaves, and `vx0`, a metadata-mode VXLAN
+/// device on UDP 6784; returns `vx0`'s ifindex. Commands started from this thread
+/// afterwards run in that namespace; it dies with the thread.
 pub fn private_underlay() -> Result<u32> {
     // SAFETY: unshare(CLONE_NEWNET) changes only the calling thread's namespace.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
@@ -65,13 +78,71 @@ pub fn private_underlay() -> Result<u32> {
         "name",
         "ul0p",
     ];
-    for args in [
+    let port = VXLAN_PORT.to_string();
+    let vx0 = [
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "external",
+        "dstport",
+        &port,
+        "nolearning",
+    ];
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let (peer2, peer3, gw) = (mac(PEER2_MAC), mac(PEER3_MAC), mac(GATEWAY_MAC));
+    let neigh = |ip: &'static str, lladdr: &str| {
+        [
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            lladdr,
+            "dev",
+            "ul0",
+            "nud",
+            "permanent",
+        ]
+        .map(str::to_owned)
+    };
+    let neighbours = [
+        neigh("192.168.48.12", &peer2),
+        neigh("192.168.48.13", &peer3),
+        neigh("192.168.48.1", &gw),
+    ];
+    let mut steps: Vec<Vec<String>> = [
         &["link", "set", "lo", "up"][..],
         &ul0,
         &["addr", "add", "192.168.48.11/24", "dev", "ul0"],
         &["link", "set", "ul0p", "up"],
         &["link", "set", "ul0", "up"],
-    ] {
+        &vx0,
+        &["link", "set", "vx0", "up"],
+    ]
+    .iter()
+    .map(|a| a.iter().map(|s| s.to_string()).collect())
+    .collect();
+    steps.extend(neighbours.iter().map(|a| a.to_vec()));
+    steps.push(
+        [
+            "route",
+            "add",
+            FAR_PEERS,
+            "via",
+            "192.168.48.1",
+            "dev",
+            "ul0",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    );
+    for args in &steps {
         let out = Command::new("ip")
             .args(args)
             .output()
@@ -83,17 +154,157 @@ pub fn private_underlay() -> Result<u32> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    ifindex(c"vx0")
+}
+
+/// The ifindex of `name` in the calling thread's namespace.
+pub fn ifindex(name: &CStr) -> Result<u32> {
     // SAFETY: a valid NUL-terminated name, looked up in this thread's namespace.
-    let index = unsafe { libc::if_nametoindex(c"ul0".as_ptr()) };
-    ensure!(index != 0, "ul0 has no ifindex");
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    ensure!(index != 0, "{name:?} has no ifindex");
     Ok(index)
 }
 
-/// Loads the eBPF object at `object` and both programs (verified, not attached),
-/// with the encapsulation program's jump table filled as the agent fills it.
-pub fn load_datapath(object: &Path) -> Result<Ebpf> {
-    let mut ebpf =
-        Ebpf::load_file(object).with_context(|| format!("loading {}", object.display()))?;
+/// A private pin directory on bpffs for a loaded test datapath (the object's maps
+/// are pinned by name), removed on drop.
+#[derive(Debug)]
+pub struct TempPins {
+    dir: PathBuf,
+}
+
+impl TempPins {
+    /// Creates `/sys/fs/bpf/weft-test-<pid>-<n>`.
+    pub fn new() -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/weft-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted at /sys/fs/bpf? `cargo xtask setup` mounts it)",
+                dir.display()
+            )
+        })?;
+        Ok(Self { dir })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for TempPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A raw `AF_PACKET` socket that receives every frame arriving on one interface of
+/// the calling thread's namespace (non-blocking; read with [`PacketTap::collect`]).
+#[derive(Debug)]
+pub struct PacketTap {
+    fd: OwnedFd,
+}
+
+impl PacketTap {
+    /// Opens a tap on interface `name`.
+    pub fn open(name: &CStr) -> Result<Self> {
+        let index = ifindex(name)?;
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: a plain socket(2) call; the descriptor is owned right below.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        ensure!(
+            raw >= 0,
+            "socket(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // A flood to hundreds of peers arrives in one burst: room for all of it (the
+        // default buffer holds a few hundred small frames). FORCE: root may exceed
+        // rmem_max.
+        let size: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `size`.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const size).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        ensure!(
+            rc == 0,
+            "setsockopt(SO_RCVBUFFORCE): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: all-zero is a valid sockaddr_ll; the fields that matter are set below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: `addr` is a valid sockaddr_ll and the length passed is its size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        ensure!(
+            rc == 0,
+            "bind(AF_PACKET, {name:?}): {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(Self { fd })
+    }
+
+    /// Reads frames for which `keep` holds until `want` of them arrived or `timeout`
+    /// passed; returns those kept.
+    pub fn collect(
+        &self,
+        want: usize,
+        timeout: Duration,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while frames.len() < want && Instant::now() < deadline {
+            // SAFETY: `buf` is valid for writes of its whole length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                let frame = &buf[..n as usize];
+                if keep(frame) {
+                    frames.push(frame.to_vec());
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        frames
+    }
+}
+
+/// Loads the eBPF object at `object` with its maps pinned under `pins` (a private
+/// directory: see [`TempPins`]) and both programs (verified, not attached), with the
+/// encapsulation program's jump table filled as the agent fills it.
+pub fn load_datapath(object: &Path, pins: &Path) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins)
+        .load_file(object)
+        .with_context(|| format!("loading {}", object.display()))?;
     for name in [programs::EGRESS, programs::INGRESS] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -118,43 +329,35 @@ pub fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
         .with_context(|| format!("the eBPF object has no map {name}"))
 }
 
-/// The configuration of the scene, with `flood_count` flood-list entries.
-pub fn config(underlay: u32, flood_count: u16) -> DatapathConfig {
+/// The configuration of the scene (`vxlan` = `vx0`'s ifindex), with `flood_count`
+/// flood-list entries.
+pub fn config(vxlan: u32, flood_count: u16) -> DatapathConfig {
     DatapathConfig {
         enabled: 1,
-        underlay_ifindex: underlay,
-        datapath_ifindex: DATAPATH_IFINDEX,
+        vxlan_ifindex: vxlan,
         local_addr: LOCAL,
         local_short_id: 1,
-        vxlan_port: VXLAN_PORT,
         mtu: MTU,
         flood_count,
+        pad: 0,
         mac_age_secs: 300,
-        underlay_mac: UL0_MAC,
-        pad: [0; 2],
     }
 }
 
-/// Writes peer `id` (at `addr`, next hop `next_hop_mac`; all zero = unresolved).
-pub fn set_peer(ebpf: &mut Ebpf, id: u32, addr: [u8; 4], next_hop_mac: [u8; 6]) -> Result<()> {
+/// Writes peer `id` at `addr`.
+pub fn set_peer(ebpf: &mut Ebpf, id: u32, addr: [u8; 4]) -> Result<()> {
     let mut peers: Array<&mut MapData, PeerEntry> = Array::try_from(map_mut(ebpf, PEERS_MAP)?)?;
-    let entry = PeerEntry {
-        addr,
-        flags: 0,
-        next_hop_mac,
-        pad: [0; 2],
-    };
-    peers.set(id, &entry, 0)?;
+    peers.set(id, &PeerEntry { addr, flags: 0 }, 0)?;
     Ok(())
 }
 
 /// Fills the maps with the scene: configuration, peers 2 and 3, both in the flood
 /// list.
-pub fn fill_scene(ebpf: &mut Ebpf, underlay: u32) -> Result<()> {
+pub fn fill_scene(ebpf: &mut Ebpf, vxlan: u32) -> Result<()> {
     let mut cfg: Array<&mut MapData, DatapathConfig> = Array::try_from(map_mut(ebpf, CONFIG_MAP)?)?;
-    cfg.set(0, &config(underlay, 2), 0)?;
-    set_peer(ebpf, 2, PEER2, PEER2_MAC)?;
-    set_peer(ebpf, 3, PEER3, PEER3_MAC)?;
+    cfg.set(0, &config(vxlan, 2), 0)?;
+    set_peer(ebpf, 2, PEER2)?;
+    set_peer(ebpf, 3, PEER3)?;
     let mut flood: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, FLOOD_MAP)?)?;
     flood.set(0, &2, 0)?;
     flood.set(1, &3, 0)?;

@@ -141,6 +141,8 @@ pub struct Testbed {
     dir: PathBuf,
     hosts: Vec<Host>,
     pub(crate) agents: BTreeMap<u8, AgentProc>,
+    /// Directory on bpffs the agents pin their datapaths under (`--bpffs`).
+    bpffs: PathBuf,
     /// Namespaces created, in creation order (torn down in reverse).
     namespaces: Vec<String>,
     torn_down: bool,
@@ -175,9 +177,11 @@ impl Testbed {
         let dir = std::env::temp_dir().join(format!("weft-testbed-{prefix}"));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        let bpffs = Path::new(BPFFS).join(format!("weft-testbed-{prefix}"));
         let mut tb = Testbed {
             prefix,
             dir,
+            bpffs,
             hosts: Vec::new(),
             agents: BTreeMap::new(),
             namespaces: Vec::new(),
@@ -207,6 +211,13 @@ impl Testbed {
     /// Directory holding agents' logs, sockets, peers files and captures.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Directory on bpffs under which this testbed's agents pin their datapaths
+    /// (each in a subdirectory of its own network namespace): removed at teardown,
+    /// so a torn-down testbed leaves no maps behind.
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs
     }
 
     /// The underlay switch's namespace, `<prefix>-ul`.
@@ -481,6 +492,11 @@ impl Testbed {
                 errors.push(format!("{e:#}"));
             }
         }
+        // The namespaces' devices are gone, so their pinned links are defunct; the
+        // pins themselves (and the maps) go with the directory.
+        if let Err(e) = remove_pins(&self.bpffs) {
+            errors.push(e);
+        }
         if panicking {
             eprintln!(
                 "testbed {}: files kept in {}",
@@ -499,6 +515,19 @@ impl Drop for Testbed {
         for e in self.teardown_inner() {
             eprintln!("testbed {}: teardown: {e}", self.prefix);
         }
+    }
+}
+
+/// Where bpffs is mounted (`cargo xtask setup` mounts it).
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Removes a directory of pins (absent is fine).
+fn remove_pins(dir: &Path) -> std::result::Result<(), String> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("cannot remove {}: {e}", dir.display()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -573,6 +602,25 @@ pub fn cleanup_stale(tag: &str) -> Result<Vec<String>> {
             match delete_namespace(&name) {
                 Ok(()) => removed.push(format!("namespace {name}")),
                 Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(BPFFS) {
+        for e in entries.flatten() {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            let Some(pid) = name
+                .strip_prefix("weft-testbed-")
+                .and_then(|rest| creator_pid(tag, rest))
+            else {
+                continue;
+            };
+            if !pid_alive(pid) {
+                match remove_pins(&e.path()) {
+                    Ok(()) => removed.push(format!("pins {}", e.path().display())),
+                    Err(err) => errors.push(err),
+                }
             }
         }
     }

@@ -110,6 +110,40 @@ pub fn ping(from: &Pod, to: Ipv4Addr, count: u32) -> Result<PingReport> {
     Ok(report)
 }
 
+/// Pings `to` from `from` `count` times `interval` apart (root may go below 0.2 s),
+/// each reply awaited up to 1 s, and reports how many came back: for measuring loss
+/// across an event (an agent restart, say) that happens meanwhile.
+pub fn ping_stream(from: &Pod, to: Ipv4Addr, count: u32, interval: Duration) -> Result<PingReport> {
+    ensure!(count > 0, "ping count must be positive");
+    let count_s = count.to_string();
+    let interval_s = format!("{:.3}", interval.as_secs_f64());
+    // No -w: with it, ping keeps probing past `count` while replies are missing.
+    let span = interval.as_secs_f64() * f64::from(count);
+    let to_s = to.to_string();
+    let mut cmd = ns_command(&from.ns, "ping");
+    cmd.args([
+        "-n",
+        "-q",
+        "-c",
+        &count_s,
+        "-i",
+        &interval_s,
+        "-W",
+        "1",
+        &to_s,
+    ]);
+    let line = command_line(&cmd);
+    let out = output(&mut cmd, Duration::from_secs_f64(span * 2.0 + 10.0))?;
+    let report = PingReport::parse(&String::from_utf8_lossy(&out.stdout));
+    ensure!(
+        report.transmitted > 0,
+        "`{line}` sent nothing ({}): {}",
+        describe_status(&out.status),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(report)
+}
+
 /// Pings `to` from `from` once a second-ish until a reply comes, for at most
 /// `timeout`; returns how long it took. For waiting until a datapath works.
 pub fn wait_ping(from: &Pod, to: Ipv4Addr, timeout: Duration) -> Result<Duration> {

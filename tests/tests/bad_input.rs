@@ -1,5 +1,6 @@
 //! Bad input: the agent exits nonzero with a clear message, without panicking and
-//! without leaving devices behind. Need root and `WEFT_AGENT_BIN`.
+//! without leaving devices, pins or sockets behind, also when it fails after it
+//! created kernel objects. Need root and `WEFT_AGENT_BIN`.
 
 mod common;
 
@@ -33,10 +34,110 @@ fn expect_failure(tb: &Bed, bin: &Path, args: Vec<String>, case: &str, mentions:
             exit.output
         );
     }
+    assert_nothing_left(tb, case);
+}
+
+/// Asserts host 1 has no weft device, no pins and no socket, and that its bridge
+/// (the testbed's) carries no mark of weft's.
+fn assert_nothing_left(tb: &Bed, case: &str) {
     let ns = &tb.host(1).must("host").ns;
-    let left = links_with_prefix(ns, "vethwe-").must("ip link");
+    let left = links_with_prefix(ns, "weft-").must("ip link");
     assert!(left.is_empty(), "{case}: devices left behind: {left:?}");
+    let bridge = weft_testbed::ns_exec(ns, &["ip", "link", "show", "weave"]).must("ip link");
+    assert!(
+        !bridge.contains("alias weft"),
+        "{case}: the testbed's bridge was marked as weft's:\n{bridge}"
+    );
+    assert_eq!(
+        pin_dirs(tb),
+        0,
+        "{case}: pins left behind in {}",
+        tb.bpffs_dir().display()
+    );
     assert!(!tb.socket_path(1).exists(), "{case}: socket left behind");
+}
+
+/// How many agents' pin directories exist under the testbed's bpffs directory.
+fn pin_dirs(tb: &Bed) -> usize {
+    std::fs::read_dir(tb.bpffs_dir().join("weft"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Adds a VXLAN device weft did not create to namespace `ns`.
+fn add_foreign_vxlan(ns: &str, name: &str, id: &str, port: &str) {
+    weft_testbed::ns_exec(
+        ns,
+        &[
+            "ip",
+            "link",
+            "add",
+            name,
+            "type",
+            "vxlan",
+            "id",
+            id,
+            "dstport",
+            port,
+            "local",
+            "192.168.48.11",
+        ],
+    )
+    .must("a foreign VXLAN device");
+}
+
+/// The VXLAN port is taken (here by a kernel VXLAN device on 6784): creating weft's
+/// device fails after the bridge and the pins were made, and both are removed.
+#[test]
+fn vxlan_port_in_use_fails_after_setup_began_and_rolls_back() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    let ns = tb.host(1).must("host").ns.clone();
+    add_foreign_vxlan(&ns, "other0", "7", "6784");
+    weft_testbed::ns_exec(&ns, &["ip", "link", "set", "other0", "up"]).must("up");
+    expect_failure(
+        &tb,
+        &bin,
+        tb.agent_args(1).must("args"),
+        "VXLAN port in use",
+        &[&["weft-vxlan"]],
+    );
+    assert_eq!(
+        links_with_prefix(&ns, "other0").must("ip link"),
+        ["other0"],
+        "the foreign device is untouched"
+    );
+}
+
+/// A device named like weft's that weft did not create is neither used, replaced nor
+/// removed.
+#[test]
+fn foreign_device_of_weft_name_is_left_alone() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    let ns = tb.host(1).must("host").ns.clone();
+    add_foreign_vxlan(&ns, "weft-vxlan", "9", "4789");
+    let exit = tb
+        .run_agent_to_exit(
+            1,
+            &bin,
+            &tb.agent_args(1).must("args"),
+            Duration::from_secs(10),
+        )
+        .must("the agent exits");
+    assert!(!exit.status.success(), "expected failure:\n{}", exit.output);
+    assert!(
+        exit.output.contains("not created by weft"),
+        "names the problem:\n{}",
+        exit.output
+    );
+    let link = weft_testbed::ns_exec(&ns, &["ip", "-d", "link", "show", "weft-vxlan"])
+        .must("the foreign device still exists");
+    assert!(link.contains("id 9"), "untouched:\n{link}");
+    assert_eq!(pin_dirs(&tb), 0, "pins rolled back");
+    assert!(!tb.socket_path(1).exists(), "socket removed");
 }
 
 fn with_arg(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {

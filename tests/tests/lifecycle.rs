@@ -1,35 +1,41 @@
-//! Agent lifecycle: a clean stop leaves nothing behind; restarts after SIGTERM and
-//! after SIGKILL restore traffic. Need root and `WEFT_AGENT_BIN`.
+//! Agent lifecycle: the datapath outlives the agent (SIGTERM, SIGKILL), a restarted
+//! agent adopts it without losing a packet, and `weft reset` removes everything weft
+//! created. Need root and `WEFT_AGENT_BIN`.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use common::{Bed, FIRST_CONTACT, Must, agent_bin, bed, start_agents};
-use weft_testbed::{links_with_prefix, ns_exec, ping, prog_exists, tcx_programs, wait_ping};
+use weft_testbed::{
+    Pod, links_with_prefix, ns_exec, ping_stream, prog_exists, tcx_programs, wait_ping,
+};
 
-/// Names of the programs TCX-attached to `dev` on host `n`, like `ingress:weft_decap`.
-fn tcx(tb: &Bed, n: u8, dev: &str) -> Vec<String> {
-    tcx_programs(&tb.host(n).must("host").ns, dev)
+/// weft's device.
+const DEVICE: &str = "weft-vxlan";
+
+/// Names of the programs TCX-attached to weft's device on host `n`, like
+/// `ingress:weft_decap`, sorted.
+fn programs(tb: &Bed, n: u8) -> Vec<String> {
+    let mut names: Vec<String> = tcx_programs(&tb.host(n).must("host").ns, DEVICE)
         .must("TCX query")
         .into_iter()
         .map(|p| format!("{}:{}", p.direction, p.name))
-        .collect()
+        .collect();
+    names.sort();
+    names
 }
 
-/// Ids of every program TCX-attached on host `n` (eth0 and the veth pair).
+/// Ids of the programs TCX-attached to weft's device on host `n`.
 fn attached_ids(tb: &Bed, n: u8) -> Vec<u32> {
-    let ns = tb.host(n).must("host").ns.clone();
-    let mut ids = Vec::new();
-    for dev in ["eth0", "vethwe-bridge", "vethwe-datapath"] {
-        ids.extend(
-            tcx_programs(&ns, dev)
-                .must("TCX query")
-                .into_iter()
-                .map(|p| p.id),
-        );
-    }
-    ids
+    tcx_programs(&tb.host(n).must("host").ns, DEVICE)
+        .must("TCX query")
+        .into_iter()
+        .map(|p| p.id)
+        .collect()
 }
 
 /// Waits (up to 3 s: programs are freed asynchronously) until none of `ids` is loaded;
@@ -45,29 +51,64 @@ fn wait_unloaded(ids: &[u32]) -> Vec<u32> {
     }
 }
 
-/// Asserts that host `n` carries nothing of weft's: no vethwe-* devices, no programs
-/// on eth0 (TCX or XDP), no clsact/ingress qdisc, no socket file.
+/// Everything pinned under the testbed's bpffs directory (relative paths).
+fn pins(tb: &Bed) -> Vec<String> {
+    fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, base, out);
+            } else if let Ok(rel) = path.strip_prefix(base) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(tb.bpffs_dir(), tb.bpffs_dir(), &mut out);
+    out.sort();
+    out
+}
+
+/// Asserts that host `n` runs weft's complete datapath: the device (marked as
+/// weft's) with both programs, and nothing of weft's on the underlay.
+fn assert_datapath_in_place(tb: &Bed, n: u8, when: &str) {
+    let ns = tb.host(n).must("host").ns.clone();
+    assert_eq!(
+        links_with_prefix(&ns, "weft-").must("ip link"),
+        [DEVICE],
+        "host{n} {when}: devices"
+    );
+    let link = ns_exec(&ns, &["ip", "-d", "link", "show", DEVICE]).must("ip link");
+    assert!(
+        link.contains("alias weft") && link.contains("external"),
+        "host{n} {when}: {DEVICE} is weft's metadata-mode device:\n{link}"
+    );
+    assert_eq!(
+        programs(tb, n),
+        ["egress:weft_encap", "ingress:weft_decap"],
+        "host{n} {when}: programs on {DEVICE}"
+    );
+    assert!(
+        tcx_programs(&ns, "eth0").must("TCX query").is_empty(),
+        "host{n} {when}: weft attaches nothing to the underlay"
+    );
+}
+
+/// Asserts that host `n` carries nothing of weft's: no weft device, no programs, no
+/// socket file; and that the testbed's pins of host `n` are gone.
 fn assert_nothing_left(tb: &Bed, n: u8) {
     let ns = tb.host(n).must("host").ns.clone();
-    let left = links_with_prefix(&ns, "vethwe-").must("ip link");
+    let left = links_with_prefix(&ns, "weft-").must("ip link");
     assert!(
         left.is_empty(),
-        "host{n}: devices left after stop: {left:?}"
+        "host{n}: devices left after reset: {left:?}"
     );
-    let attached = tcx(tb, n, "eth0");
-    assert!(
-        attached.is_empty(),
-        "host{n}: programs still attached to eth0: {attached:?}"
-    );
-    let link = ns_exec(&ns, &["ip", "-d", "link", "show", "eth0"]).must("ip link");
-    assert!(
-        !link.contains("xdp"),
-        "host{n}: XDP program on eth0:\n{link}"
-    );
+    let eth0 = tcx_programs(&ns, "eth0").must("TCX query");
+    assert!(eth0.is_empty(), "host{n}: programs on eth0: {eth0:?}");
     let qdiscs = ns_exec(&ns, &["tc", "qdisc", "show", "dev", "eth0"]).must("tc qdisc");
     assert!(
         !qdiscs.contains("clsact") && !qdiscs.contains("ingress"),
-        "host{n}: a clsact/ingress qdisc remains on eth0 (TCX needs none):\n{qdiscs}"
+        "host{n}: a clsact/ingress qdisc on eth0:\n{qdiscs}"
     );
     assert!(
         !tb.socket_path(n).exists(),
@@ -76,104 +117,146 @@ fn assert_nothing_left(tb: &Bed, n: u8) {
     );
 }
 
+/// Pings `to` from `from` every 10 ms for `secs` seconds on a thread; join for the
+/// report.
+fn ping_in_background(
+    from: &Pod,
+    to: &Pod,
+    secs: u32,
+) -> std::thread::JoinHandle<anyhow::Result<weft_testbed::PingReport>> {
+    let (from, to) = (from.clone(), to.addr);
+    std::thread::spawn(move || ping_stream(&from, to, secs * 100, Duration::from_millis(10)))
+}
+
 #[test]
-fn sigterm_leaves_nothing_attached() {
+fn sigterm_leaves_the_datapath_forwarding_and_reset_removes_it() {
     let bin = agent_bin();
     let mut tb = bed(2, 1);
     start_agents(&mut tb, &bin, &[1, 2]);
-    // While running, everything is in place (so the checks below can fail).
-    let ns1 = tb.host(1).must("host").ns.clone();
-    let mut devs = links_with_prefix(&ns1, "vethwe-").must("ip link");
-    devs.sort();
-    assert_eq!(
-        devs,
-        ["vethwe-bridge", "vethwe-datapath"],
-        "host1 while running"
-    );
-    assert_eq!(
-        tcx(&tb, 1, "eth0"),
-        ["ingress:weft_decap"],
-        "host1 eth0 while running"
-    );
-    assert_eq!(
-        tcx(&tb, 1, "vethwe-bridge"),
-        ["egress:weft_encap"],
-        "host1 vethwe-bridge while running"
-    );
-    assert!(
-        tcx(&tb, 1, "vethwe-datapath").is_empty(),
-        "nothing on host1 vethwe-datapath"
-    );
+    for n in [1, 2] {
+        assert_datapath_in_place(&tb, n, "while running");
+    }
     assert!(tb.socket_path(1).exists(), "socket while running");
     let ids = [attached_ids(&tb, 1), attached_ids(&tb, 2)].concat();
+    assert_eq!(ids.len(), 4);
+    let pinned = pins(&tb);
+    for name in [
+        "links/weft_encap",
+        "links/weft_decap",
+        "WEFT_MACS",
+        "WEFT_JUMP",
+    ] {
+        assert_eq!(
+            pinned.iter().filter(|p| p.ends_with(name)).count(),
+            2,
+            "{name} pinned once per host: {pinned:?}"
+        );
+    }
     let p1 = tb.pod(1, 1).must("pod").clone();
     let p2 = tb.pod(2, 1).must("pod").clone();
     wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic before stop");
 
     tb.stop_agent(1).must("SIGTERM host1 agent");
-    assert_nothing_left(&tb, 1);
     tb.stop_agent(2).must("SIGTERM host2 agent");
-    assert_nothing_left(&tb, 2);
+    assert!(!tb.socket_path(1).exists(), "socket removed on stop");
+    for n in [1, 2] {
+        assert_datapath_in_place(&tb, n, "after SIGTERM");
+    }
+    let r = ping_stream(&p1, p2.addr, 20, Duration::from_millis(50)).must("ping");
+    assert_eq!(
+        (r.transmitted, r.received),
+        (20, 20),
+        "pods keep talking with no agent running"
+    );
+
+    for n in [1, 2] {
+        tb.reset_agent(n, &bin).must("weft reset");
+        assert_nothing_left(&tb, n);
+    }
+    let left = pins(&tb);
+    assert!(left.is_empty(), "pins left after reset: {left:?}");
     let left = wait_unloaded(&ids);
     assert!(
         left.is_empty(),
-        "programs {left:?} of the stopped agents are still loaded (pinned or leaked?)"
+        "programs {left:?} are still loaded after reset"
+    );
+    let r = ping_stream(&p1, p2.addr, 5, Duration::from_millis(50)).must("ping");
+    assert_eq!(
+        (r.transmitted, r.received),
+        (5, 0),
+        "no overlay after reset: every probe sent, none answered"
     );
 }
 
 #[test]
-fn restart_after_sigterm_restores_traffic() {
+fn reset_refuses_while_an_agent_runs() {
     let bin = agent_bin();
     let mut tb = bed(2, 1);
-    start_agents(&mut tb, &bin, &[1, 2]);
-    let p1 = tb.pod(1, 1).must("pod").clone();
-    let p2 = tb.pod(2, 1).must("pod").clone();
-    wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic before stop");
-    tb.stop_agent(2).must("stop host2");
+    start_agents(&mut tb, &bin, &[1]);
+    let err = tb.reset_agent(1, &bin).expect_err("reset must refuse");
     assert!(
-        ping(&p1, p2.addr, 3).is_err(),
-        "traffic to host2 must stop with its agent"
+        format!("{err:#}").contains("an agent is running"),
+        "reset names the running agent: {err:#}"
     );
-    tb.start_agent(2, &bin, &[]).must("restart host2");
-    wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic after restart");
-    let r = ping(&p1, p2.addr, 5).must("ping after restart");
-    assert_eq!(r.received, 5, "{r:?}");
+    assert_datapath_in_place(&tb, 1, "after a refused reset");
 }
 
-#[test]
-fn restart_after_kill9_reconciles() {
+/// The agent dies (SIGKILL) or stops (SIGTERM) under a 10 ms ping stream, stays away
+/// 2 s, and a new agent starts: not one ping is lost, and the new agent replaced the
+/// programs in place (same links, new programs).
+fn restart_loses_nothing(kill: bool) {
     let bin = agent_bin();
     let mut tb = bed(2, 1);
     start_agents(&mut tb, &bin, &[1, 2]);
     let p1 = tb.pod(1, 1).must("pod").clone();
     let p2 = tb.pod(2, 1).must("pod").clone();
-    wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic before kill");
-    tb.kill9_agent(2).must("kill -9 host2");
-    tb.start_agent(2, &bin, &[])
-        .must("start host2 over the leftovers of a killed agent");
-    wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic after reconcile");
-    let r = ping(&p2, p1.addr, 5).must("ping after reconcile");
-    assert_eq!(r.received, 5, "{r:?}");
-    let ns2 = tb.host(2).must("host").ns.clone();
-    let mut devs = links_with_prefix(&ns2, "vethwe-").must("ip link");
-    devs.sort();
+    wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic before the restart");
+    let before = attached_ids(&tb, 2);
+
+    // 600 probes 10 ms apart take 6 s or more; the restart happens within them.
+    let stream = ping_in_background(&p1, &p2, 6);
+    std::thread::sleep(Duration::from_millis(500));
+    if kill {
+        tb.kill9_agent(2).must("kill -9 host2");
+    } else {
+        tb.stop_agent(2).must("SIGTERM host2");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    tb.start_agent(2, &bin, &[]).must("restart host2");
+    let r = stream.join().expect("ping thread").must("ping stream");
+    assert_eq!(r.transmitted, 600, "the whole stream ran: {r:?}");
     assert_eq!(
-        devs,
-        ["vethwe-bridge", "vethwe-datapath"],
-        "exactly one veth pair after reconcile"
+        r.received, r.transmitted,
+        "pings lost across the restart: {r:?}"
     );
-    assert_eq!(
-        tcx(&tb, 2, "eth0"),
-        ["ingress:weft_decap"],
-        "one decap program on eth0 after reconcile"
+
+    assert_datapath_in_place(&tb, 2, "after the restart");
+    let after = attached_ids(&tb, 2);
+    assert!(
+        after.iter().all(|id| !before.contains(id)),
+        "the new agent's programs replaced the old ones: before {before:?}, after {after:?}"
     );
-    assert_eq!(
-        tcx(&tb, 2, "vethwe-bridge"),
-        ["egress:weft_encap"],
-        "one encap program on vethwe-bridge after reconcile"
+    let log = tb.agent_log(2);
+    assert!(
+        log.contains("adopted_peers=1")
+            && log.contains("replaced_programs=[\"weft_encap\", \"weft_decap\"]"),
+        "the restarted agent adopted the datapath:\n{log}"
     );
-    tb.stop_agent(2).must("clean stop after reconcile");
-    assert_nothing_left(&tb, 2);
+    let stats = tb.status_json(2).must("status");
+    assert!(
+        stats["connections"][0]["rx_packets"].as_u64().unwrap_or(0) > 0,
+        "counters survive the restart: {stats}"
+    );
+}
+
+#[test]
+fn restart_after_kill9_loses_no_packet() {
+    restart_loses_nothing(true);
+}
+
+#[test]
+fn restart_after_sigterm_loses_no_packet() {
+    restart_loses_nothing(false);
 }
 
 /// Without `--iface` the agent takes the interface of the IPv4 default route.
@@ -181,51 +264,23 @@ fn restart_after_kill9_reconciles() {
 fn underlay_defaults_to_the_default_route_interface() {
     let bin = agent_bin();
     let mut tb = bed(2, 1);
-    let ns1 = tb.host(1).must("host").ns.clone();
     tb.add_default_route(1).must("default route on host1");
     start_agents(&mut tb, &bin, &[2]);
     tb.write_peers(1, &[1, 2]).must("peers");
     let mut args = tb.agent_args(1).must("args");
     let i = args.iter().position(|a| a == "--iface").expect("--iface");
     args.drain(i..i + 2);
-    let log = tb.dir().join("default-iface.log");
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns1])
-        .arg(&bin)
-        .args(&args)
-        .stdout(std::fs::File::create(&log).expect("log file"))
-        .stderr(std::fs::File::create(log.with_extension("err")).expect("log file"))
-        .spawn()
-        .expect("start the agent");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let text = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
-        if text.contains("datapath ready") || Instant::now() > deadline {
-            break text;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("agent exited ({status}) without --iface:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // `start_agent` passes `--iface eth0`; run the same command without it.
+    tb.start_agent_with_args(1, &bin, &args)
+        .must("agent without --iface");
+    let log = tb.agent_log(1);
     assert!(
-        text.contains("datapath ready") && text.contains("underlay=eth0"),
-        "expected the agent to pick eth0 from the default route:\n{text}"
+        log.contains("datapath ready") && log.contains("underlay=eth0"),
+        "expected the agent to pick eth0 from the default route:\n{log}"
     );
     let (p1, p2) = (
         tb.pod(1, 1).must("pod").clone(),
         tb.pod(2, 1).must("pod").clone(),
     );
     wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic with the default interface");
-    // SAFETY: kill with a valid pid and signal number.
-    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_eq!(rc, 0, "SIGTERM the agent");
-    let status = child.wait().expect("wait for the agent");
-    assert!(status.success(), "agent exit status {status}");
-    assert!(
-        links_with_prefix(&ns1, "vethwe-")
-            .must("ip link")
-            .is_empty(),
-        "veth pair removed"
-    );
 }

@@ -1,11 +1,19 @@
-//! The eBPF programs run on synthetic packets through `BPF_PROG_TEST_RUN`: exact
-//! output bytes of encapsulation, decapsulation of valid frames, and the counted
-//! rejection of everything else.
+//! The eBPF programs run on synthetic frames through `BPF_PROG_TEST_RUN`: the
+//! forwarding decision (unicast, flood, drop, each counted), the flood copies as they
+//! leave the underlay (every copy's bytes, encapsulated by the kernel's VXLAN driver
+//! with the tunnel key the program set), floods beyond one run through tail calls,
+//! and decapsulation refusing frames without tunnel metadata.
+//!
+//! What the kernel's VXLAN socket hands the decapsulation program (tunnel keys of
+//! real packets) cannot be made in a test run: the integration tests send real
+//! VXLAN packets for that (`tests/bad_input.rs`, `tests/datapath.rs`).
 //!
 //! Needs root (loading programs) and the eBPF object in `WEFT_EBPF_OBJECT`
 //! (`cargo xtask test` sets it). Each test runs in a fresh network namespace
-//! (unshared by its own thread) holding an underlay veth `ul0`, so flood copies
-//! have a real device to go to.
+//! (unshared by its own thread) holding an underlay veth `ul0` and a metadata-mode
+//! VXLAN device `vx0` (see `weft_testbed::synthetic`).
+
+use std::time::Duration;
 
 use aya::{
     Ebpf,
@@ -17,23 +25,26 @@ use weft_common::{
         CONFIG_MAP, COUNTERS_MAP, Counter, DatapathConfig, FLOOD_MAP, FLOOD_PEERS_PER_RUN,
         MACS_MAP, MacEntry, MacKey, PEER_STATS_MAP, PeerStats, programs,
     },
-    wire::{SRC_PORT_MAX, SRC_PORT_MIN, vni},
+    wire::{SRC_PORT_MAX, SRC_PORT_MIN, VXLAN_PORT, Vxlan, vni},
 };
 use weft_testbed::synthetic::{
-    self, LOCAL, PEER2, PEER2_MAC, PEER3, PEER3_MAC, POD_LOCAL, POD_REMOTE, UL0_MAC, arp_request,
-    encapsulated, fill_scene, fix_ip_checksum, inner_frame, learn, load_datapath, private_underlay,
-    set_peer, src_port_of,
+    self, GATEWAY_MAC, LOCAL, PEER2, PEER2_MAC, POD_LOCAL, POD_REMOTE, PacketTap, TempPins,
+    UL0_MAC, arp_request, fill_scene, inner_frame, learn, load_datapath, private_underlay,
+    set_peer,
 };
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_STOLEN: u32 = 4;
-const TC_ACT_REDIRECT: u32 = 7;
+
+/// How long flood copies may take to reach the tap (they leave synchronously; the
+/// veth hands them over in a softirq).
+const COPY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A loaded (not attached) datapath in a private network namespace.
 struct Fixture {
     ebpf: Ebpf,
-    underlay: u32,
+    vxlan: u32,
+    _pins: TempPins,
 }
 
 impl Fixture {
@@ -46,14 +57,22 @@ impl Fixture {
         );
         let object = std::env::var("WEFT_EBPF_OBJECT")
             .expect("WEFT_EBPF_OBJECT not set: run through `cargo xtask test`");
-        let underlay = private_underlay().unwrap_or_else(|e| panic!("private netns: {e:#}"));
-        let mut ebpf = load_datapath(object.as_ref()).unwrap_or_else(|e| panic!("{e:#}"));
-        fill_scene(&mut ebpf, underlay).unwrap_or_else(|e| panic!("filling maps: {e:#}"));
-        Self { ebpf, underlay }
+        let vxlan = private_underlay().unwrap_or_else(|e| panic!("private netns: {e:#}"));
+        let pins = TempPins::new().unwrap_or_else(|e| panic!("{e:#}"));
+        let mut ebpf =
+            load_datapath(object.as_ref(), pins.path()).unwrap_or_else(|e| panic!("{e:#}"));
+        fill_scene(&mut ebpf, vxlan).unwrap_or_else(|e| panic!("filling maps: {e:#}"));
+        Self {
+            ebpf,
+            vxlan,
+            _pins: pins,
+        }
     }
 
-    fn set_peer(&mut self, id: u32, addr: [u8; 4], next_hop_mac: [u8; 6]) {
-        set_peer(&mut self.ebpf, id, addr, next_hop_mac).unwrap();
+    fn set_config(&mut self, cfg: &DatapathConfig) {
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(self.ebpf.map_mut(CONFIG_MAP).unwrap()).unwrap();
+        config.set(0, cfg, 0).unwrap();
     }
 
     fn learn(&mut self, mac: [u8; 6], id: u32) {
@@ -100,132 +119,136 @@ impl Fixture {
     }
 }
 
-/// The expected encapsulation of `inner` from this host to `dst_ip`.
-fn expected_encap(
-    inner: &[u8],
-    dst_ip: [u8; 4],
-    vni_value: u32,
-    macs: ([u8; 6], [u8; 6]),
-    src_port: u16,
-) -> Vec<u8> {
-    encapsulated(inner, (LOCAL, dst_ip), vni_value, macs, src_port)
+/// Whether `frame` is VXLAN to weft's port (what a flood copy looks like outside).
+fn is_vxlan(frame: &[u8]) -> bool {
+    Vxlan::new_checked(frame).is_ok_and(|v| v.dst_port() == VXLAN_PORT)
+}
+
+/// Checks one flood copy as it left the underlay: Weave's VXLAN from this host to
+/// `dst` with the VNI naming both ends, the exact inner frame, to `next_hop`'s MAC.
+fn assert_copy(frame: &[u8], dst: [u8; 4], dst_id: u16, inner: &[u8], next_hop: [u8; 6]) {
+    let v = Vxlan::new_checked(frame).expect("a VXLAN frame");
+    assert_eq!(v.dst_ip(), dst, "outer destination");
+    assert_eq!(v.src_ip(), LOCAL, "outer source");
+    assert_eq!(v.vni(), vni(dst_id, 1), "VNI = dst << 12 | src");
+    assert_eq!(v.ttl(), 64, "TTL");
+    assert!(v.dont_fragment(), "DF");
+    assert_eq!(v.udp_checksum(), 0, "UDP checksum");
+    assert!(
+        (SRC_PORT_MIN..=SRC_PORT_MAX).contains(&v.src_port()),
+        "source port {} outside the ephemeral range",
+        v.src_port()
+    );
+    assert_eq!(v.inner(), inner, "inner frame of the copy to {dst:?}");
+    assert_eq!(&frame[0..6], &next_hop, "outer destination MAC");
+    assert_eq!(&frame[6..12], &UL0_MAC, "outer source MAC");
 }
 
 #[test]
-fn encap_unicast_to_a_learned_mac_writes_weave_vxlan() {
+fn encap_unicast_to_a_learned_mac_sets_the_key_and_lets_the_driver_send() {
     let mut f = Fixture::new();
     f.learn(POD_REMOTE, 2);
     let inner = inner_frame(POD_REMOTE, POD_LOCAL, 100);
     let (action, out) = f.run(programs::EGRESS, &inner);
     assert_eq!(
-        action, TC_ACT_REDIRECT,
-        "unicast IP goes out via redirect_neigh"
+        action, TC_ACT_OK,
+        "unicast goes on to the VXLAN driver with its tunnel key"
     );
-    let sport = src_port_of(&out);
-    assert!(
-        (SRC_PORT_MIN..=SRC_PORT_MAX).contains(&sport),
-        "source port {sport} outside the ephemeral range"
-    );
-    // IP frames leave through bpf_redirect_neigh, which fills the outer MACs itself.
-    let expected = expected_encap(&inner, PEER2, 0x002001, ([0; 6], [0; 6]), sport);
-    assert_eq!(out, expected, "encapsulated bytes differ");
+    assert_eq!(out, inner, "the program leaves the frame itself unchanged");
     assert_eq!(f.counter(Counter::TxUnicast), 1);
+    assert_eq!(f.counter(Counter::TxFlood), 0);
     let s = f.peer_stats(2);
     assert_eq!((s.tx_packets, s.tx_bytes), (1, inner.len() as u64));
-
-    // The same flow keeps its source port; another flow may get another.
-    let (_, again) = f.run(programs::EGRESS, &inner);
-    assert_eq!(src_port_of(&again), sport, "same flow, same source port");
-}
-
-#[test]
-fn encap_broadcast_floods_every_peer_with_resolved_macs() {
-    let mut f = Fixture::new();
-    let arp = arp_request(POD_LOCAL);
-    let (action, out) = f.run(programs::EGRESS, &arp);
-    assert_eq!(action, TC_ACT_STOLEN, "a flood consumes the original");
-    // The packet left in the buffer is the copy for the last peer (ShortID 3).
-    let sport = src_port_of(&out);
-    let expected = expected_encap(&arp, PEER3, vni(3, 1), (UL0_MAC, PEER3_MAC), sport);
-    assert_eq!(out, expected, "flood copy for peer 3 differs");
-    assert_eq!(f.peer_stats(2).tx_packets, 1, "peer 2 got a copy");
-    assert_eq!(f.peer_stats(3).tx_packets, 1, "peer 3 got a copy");
-    assert_eq!(f.counter(Counter::TxFlood), 1);
-    assert_eq!(f.counter(Counter::FloodNoNeighbour), 0);
-}
-
-/// A flood list longer than one program run copies to ([`FLOOD_PEERS_PER_RUN`])
-/// continues in tail calls: every peer gets exactly one copy.
-#[test]
-fn encap_floods_every_peer_beyond_one_run_through_tail_calls() {
-    let mut f = Fixture::new();
-    let peers = 2 * FLOOD_PEERS_PER_RUN + 44; // three runs
-    let mut flood: Array<&mut MapData, u32> =
-        Array::try_from(f.ebpf.map_mut(FLOOD_MAP).unwrap()).unwrap();
-    for i in 0..peers {
-        flood.set(i, &(i + 2), 0).unwrap();
-    }
-    for i in 0..peers {
-        let id = i + 2;
-        let addr = [10, 200, (id >> 8) as u8, id as u8];
-        f.set_peer(id, addr, [0x02, 0xbb, 0, 0, (id >> 8) as u8, id as u8]);
-    }
-    let mut config: Array<&mut MapData, DatapathConfig> =
-        Array::try_from(f.ebpf.map_mut(CONFIG_MAP).unwrap()).unwrap();
-    config
-        .set(0, &synthetic::config(f.underlay, peers as u16), 0)
-        .unwrap();
-    let (action, out) = f.run(programs::EGRESS, &arp_request(POD_LOCAL));
-    assert_eq!(action, TC_ACT_STOLEN);
-    for i in 0..peers {
-        assert_eq!(
-            f.peer_stats(i + 2).tx_packets,
-            1,
-            "peer {} got one copy",
-            i + 2
-        );
-    }
-    assert_eq!(f.counter(Counter::FloodTruncated), 0, "no run gave up");
-    assert_eq!(f.counter(Counter::TxFlood), 1, "one flooded frame");
-    // The last copy went to the last peer of the list.
-    let last = peers + 1;
-    assert_eq!(&out[30..34], &[10, 200, (last >> 8) as u8, last as u8]);
-    assert_eq!(
-        &out[0..6],
-        &[0x02, 0xbb, 0, 0, (last >> 8) as u8, last as u8]
-    );
-}
-
-#[test]
-fn encap_unknown_unicast_floods_and_unresolved_peers_are_counted() {
-    let mut f = Fixture::new();
-    f.set_peer(3, PEER3, [0; 6]);
-    let inner = inner_frame(POD_REMOTE, POD_LOCAL, 64);
-    let (action, out) = f.run(programs::EGRESS, &inner);
-    assert_eq!(action, TC_ACT_STOLEN);
-    let sport = src_port_of(&out);
-    let expected = expected_encap(&inner, PEER2, vni(2, 1), (UL0_MAC, PEER2_MAC), sport);
-    assert_eq!(out, expected, "only peer 2 was resolvable");
-    assert_eq!(f.counter(Counter::FloodNoNeighbour), 1);
-    assert_eq!(f.peer_stats(2).tx_packets, 1);
     assert_eq!(f.peer_stats(3).tx_packets, 0);
 }
 
 #[test]
-fn encap_unicast_arp_reply_goes_to_the_next_hop_mac() {
+fn encap_broadcast_copies_to_every_peer_but_the_last_which_gets_the_frame() {
     let mut f = Fixture::new();
-    f.learn(POD_REMOTE, 3);
-    let mut reply = arp_request(POD_LOCAL);
-    reply[..6].copy_from_slice(&POD_REMOTE);
-    let (action, out) = f.run(programs::EGRESS, &reply);
-    assert_eq!(action, TC_ACT_REDIRECT);
-    let sport = src_port_of(&out);
-    let expected = expected_encap(&reply, PEER3, vni(3, 1), (UL0_MAC, PEER3_MAC), sport);
-    assert_eq!(out, expected);
+    let tap = PacketTap::open(c"ul0p").unwrap();
+    let arp = arp_request(POD_LOCAL);
+    let (action, out) = f.run(programs::EGRESS, &arp);
+    assert_eq!(action, TC_ACT_OK, "the last peer gets the original frame");
+    assert_eq!(out, arp);
+    // Peer 2's copy went through vx0 and left ul0, encapsulated by the kernel.
+    let copies = tap.collect(2, COPY_TIMEOUT, is_vxlan);
+    assert_eq!(copies.len(), 1, "exactly one copy (for peer 2) on the wire");
+    assert_copy(&copies[0], PEER2, 2, &arp, PEER2_MAC);
+    assert_eq!(f.counter(Counter::TxFlood), 1);
+    assert_eq!(f.counter(Counter::FloodCopyFailed), 0);
+    assert_eq!(f.peer_stats(2).tx_packets, 1);
+    assert_eq!(f.peer_stats(3).tx_packets, 1);
 }
 
 #[test]
-fn encap_drops_oversized_and_unconfigured() {
+fn encap_unknown_or_stale_unicast_floods() {
+    let mut f = Fixture::new();
+    let inner = inner_frame(POD_REMOTE, POD_LOCAL, 64);
+    assert_eq!(f.run(programs::EGRESS, &inner).0, TC_ACT_OK);
+    assert_eq!(f.counter(Counter::TxFlood), 1, "unknown MAC floods");
+    // A MAC learned longer ago than the MAC age floods too.
+    let mut stale = synthetic::config(f.vxlan, 2);
+    stale.mac_age_secs = 0;
+    f.set_config(&stale);
+    f.learn(POD_REMOTE, 2);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(f.run(programs::EGRESS, &inner).0, TC_ACT_OK);
+    assert_eq!(f.counter(Counter::TxFlood), 2, "an aged MAC floods");
+    assert_eq!(f.counter(Counter::TxUnicast), 0);
+}
+
+/// A flood list longer than one program run copies to ([`FLOOD_PEERS_PER_RUN`])
+/// continues in tail calls: every peer gets exactly one copy, and every copy on the
+/// wire carries the whole frame.
+#[test]
+fn encap_floods_every_peer_beyond_one_run_through_tail_calls() {
+    let mut f = Fixture::new();
+    let peers = 2 * FLOOD_PEERS_PER_RUN + 44; // three runs
+    let addr = |id: u32| [10, 99, (id >> 8) as u8, id as u8];
+    {
+        let mut flood: Array<&mut MapData, u32> =
+            Array::try_from(f.ebpf.map_mut(FLOOD_MAP).unwrap()).unwrap();
+        for i in 0..peers {
+            flood.set(i, &(i + 2), 0).unwrap();
+        }
+    }
+    for i in 0..peers {
+        set_peer(&mut f.ebpf, i + 2, addr(i + 2)).unwrap();
+    }
+    f.set_config(&synthetic::config(f.vxlan, peers as u16));
+    let tap = PacketTap::open(c"ul0p").unwrap();
+    let arp = arp_request(POD_LOCAL);
+    let (action, _) = f.run(programs::EGRESS, &arp);
+    assert_eq!(action, TC_ACT_OK);
+    let copies = tap.collect(peers as usize, COPY_TIMEOUT, is_vxlan);
+    assert_eq!(
+        copies.len(),
+        peers as usize - 1,
+        "one copy on the wire per peer but the last"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for frame in &copies {
+        let dst = Vxlan::new_checked(frame).unwrap().dst_ip();
+        let id = u32::from(dst[2]) << 8 | u32::from(dst[3]);
+        assert!((2..peers + 1).contains(&id), "copy to unexpected {dst:?}");
+        assert_copy(frame, addr(id), id as u16, &arp, GATEWAY_MAC);
+        assert!(seen.insert(id), "two copies to peer {id}");
+    }
+    for i in 0..peers {
+        assert_eq!(
+            f.peer_stats(i + 2).tx_packets,
+            1,
+            "peer {} counted once",
+            i + 2
+        );
+    }
+    assert_eq!(f.counter(Counter::FloodTruncated), 0, "no run gave up");
+    assert_eq!(f.counter(Counter::FloodCopyFailed), 0);
+    assert_eq!(f.counter(Counter::TxFlood), 1, "one flooded frame");
+}
+
+#[test]
+fn encap_drops_oversized_unconfigured_and_peerless() {
     let mut f = Fixture::new();
     let big = inner_frame(POD_REMOTE, POD_LOCAL, 1376 - 28 + 1);
     let (action, _) = f.run(programs::EGRESS, &big);
@@ -235,274 +258,37 @@ fn encap_drops_oversized_and_unconfigured() {
     f.learn(POD_REMOTE, 2);
     assert_eq!(
         f.run(programs::EGRESS, &fits).0,
-        TC_ACT_REDIRECT,
+        TC_ACT_OK,
         "MTU-sized frame passes"
     );
 
-    let mut config: Array<&mut MapData, DatapathConfig> =
-        Array::try_from(f.ebpf.map_mut(CONFIG_MAP).unwrap()).unwrap();
-    config.set(0, &DatapathConfig::default(), 0).unwrap();
+    f.set_config(&synthetic::config(f.vxlan, 0));
+    let arp = arp_request(POD_LOCAL);
+    assert_eq!(f.run(programs::EGRESS, &arp).0, TC_ACT_SHOT);
+    assert_eq!(f.counter(Counter::DropNoPeers), 1);
+
+    f.set_config(&DatapathConfig::default());
     assert_eq!(f.run(programs::EGRESS, &fits).0, TC_ACT_SHOT);
-    assert_eq!(f.counter(Counter::DropNotConfigured), 1);
-    // Unconfigured decap passes everything: the host keeps its network.
-    let (action, _) = f.run(programs::INGRESS, &fits);
-    assert_eq!(action, TC_ACT_OK);
-}
-
-/// A VXLAN frame as the peer at `src_ip` would send it to this host.
-fn vxlan_from(src_ip: [u8; 4], vni_value: u32, inner: &[u8]) -> Vec<u8> {
-    encapsulated(
-        inner,
-        (src_ip, LOCAL),
-        vni_value,
-        (PEER2_MAC, UL0_MAC),
-        40000,
-    )
+    assert_eq!(f.run(programs::INGRESS, &fits).0, TC_ACT_SHOT);
+    assert_eq!(
+        f.counter(Counter::DropNotConfigured),
+        2,
+        "both programs drop (and count) until configured"
+    );
 }
 
 #[test]
-fn decap_delivers_valid_frames_and_learns_the_source_mac() {
+fn decap_refuses_frames_without_tunnel_metadata() {
     let mut f = Fixture::new();
-    let inner = inner_frame(POD_LOCAL, POD_REMOTE, 200);
-    let packet = vxlan_from(PEER2, vni(1, 2), &inner);
-    let (action, out) = f.run(programs::INGRESS, &packet);
-    assert_eq!(action, TC_ACT_REDIRECT, "delivered into the bridge");
-    assert_eq!(
-        out, inner,
-        "decapsulated frame differs from the inner frame"
-    );
-    assert_eq!(f.counter(Counter::RxDelivered), 1);
-    let s = f.peer_stats(2);
-    assert_eq!((s.rx_packets, s.rx_bytes), (1, inner.len() as u64));
-    let learned = f.learned(POD_REMOTE).expect("inner source MAC learned");
-    assert_eq!(learned.short_id, 2);
-
-    // A frame from the Linux kernel's VXLAN device (UDP checksum set) is accepted too.
-    let mut with_csum = packet.clone();
-    with_csum[40] = 0x12;
-    with_csum[41] = 0x34;
-    assert_eq!(f.run(programs::INGRESS, &with_csum).0, TC_ACT_REDIRECT);
-}
-
-#[test]
-fn decap_passes_traffic_that_is_not_weft() {
-    let mut f = Fixture::new();
-    // UDP to another port.
-    let mut other = vxlan_from(PEER2, vni(1, 2), &inner_frame(POD_LOCAL, POD_REMOTE, 20));
-    other[36..38].copy_from_slice(&53u16.to_be_bytes());
-    assert_eq!(f.run(programs::INGRESS, &other).0, TC_ACT_OK);
-    // ARP on the underlay.
-    assert_eq!(
-        f.run(programs::INGRESS, &arp_request(PEER2_MAC)).0,
-        TC_ACT_OK
-    );
-    // A short non-IP frame.
-    let mut tiny = vec![0u8; 14];
-    tiny[12] = 0x88;
-    tiny[13] = 0xcc;
-    assert_eq!(f.run(programs::INGRESS, &tiny).0, TC_ACT_OK);
-    assert_eq!(f.counter(Counter::PassNotOverlay), 3);
+    // A frame that did not come through the VXLAN socket (a test run has no tunnel
+    // key): it is not weft's to deliver, whatever it looks like.
+    let inner = inner_frame(POD_LOCAL, POD_REMOTE, 64);
+    let (action, _) = f.run(programs::INGRESS, &inner);
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(f.counter(Counter::DropNoTunnelKey), 1);
     assert_eq!(f.counter(Counter::RxDelivered), 0);
-}
-
-#[test]
-fn decap_rejects_bad_vxlan_and_counts_each_reason() {
-    let mut f = Fixture::new();
-    let inner = inner_frame(POD_LOCAL, POD_REMOTE, 40);
-    let good = vxlan_from(PEER2, vni(1, 2), &inner);
-
-    let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
-        (
-            "truncated inside the VXLAN header",
-            good[..46].to_vec(),
-            Counter::DropTruncated,
-        ),
-        (
-            "IPv4 length beyond the packet",
-            {
-                let mut p = good.clone();
-                let len = u16::from_be_bytes([p[16], p[17]]) + 1;
-                p[16..18].copy_from_slice(&len.to_be_bytes());
-                fix_ip_checksum(&mut p);
-                p
-            },
-            Counter::DropTruncated,
-        ),
-        (
-            "VNI for another host",
-            vxlan_from(PEER2, vni(9, 2), &inner),
-            Counter::DropWrongDestination,
-        ),
-        (
-            "unknown source ShortID",
-            vxlan_from(PEER2, vni(1, 7), &inner),
-            Counter::DropUnknownSource,
-        ),
-        (
-            "source address of another peer",
-            vxlan_from(PEER3, vni(1, 2), &inner),
-            Counter::DropSourceMismatch,
-        ),
-        (
-            "VXLAN I flag missing",
-            {
-                let mut p = good.clone();
-                p[42] = 0;
-                p
-            },
-            Counter::DropBadVxlan,
-        ),
-        (
-            "a fragment",
-            {
-                let mut p = good.clone();
-                p[20] = 0x20; // MF
-                fix_ip_checksum(&mut p);
-                p
-            },
-            Counter::DropFragment,
-        ),
-        (
-            "a bad outer IPv4 checksum",
-            {
-                let mut p = good.clone();
-                p[25] ^= 0xff;
-                p
-            },
-            Counter::DropBadChecksum,
-        ),
-        (
-            "IPv4 options",
-            {
-                // Insert 4 bytes of options (NOPs) and fix IHL and lengths.
-                let mut p = good[..34].to_vec();
-                p.extend_from_slice(&[1, 1, 1, 1]);
-                p.extend_from_slice(&good[34..]);
-                p[14] = 0x46;
-                let len = u16::from_be_bytes([p[16], p[17]]) + 4;
-                p[16..18].copy_from_slice(&len.to_be_bytes());
-                p
-            },
-            Counter::DropIpOptions,
-        ),
-    ];
-    for (what, packet, counter) in cases {
-        let before = f.counter(counter);
-        let (action, _) = f.run(programs::INGRESS, &packet);
-        assert_eq!(action, TC_ACT_SHOT, "{what}: expected a drop");
-        assert_eq!(
-            f.counter(counter),
-            before + 1,
-            "{what}: {counter:?} not counted"
-        );
-    }
-    assert_eq!(
-        f.counter(Counter::RxDelivered),
-        0,
-        "nothing bad was delivered"
-    );
     assert!(
         f.learned(POD_REMOTE).is_none(),
-        "no MAC learned from rejected frames"
-    );
-}
-
-/// A small deterministic PRNG (xorshift64*), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// Whether this host must deliver `p`, decided in user space from the wire format:
-/// the reference the decapsulation program is checked against.
-fn reference_delivers(p: &[u8]) -> bool {
-    use weft_common::wire::{Vxlan, ipv4_checksum, vni_dst, vni_src};
-    let Ok(v) = Vxlan::new_checked(p) else {
-        return false;
-    };
-    let mut ip = [0u8; 20];
-    ip.copy_from_slice(&p[14..34]);
-    let frag = u16::from_be_bytes([p[20], p[21]]) & 0x3fff;
-    let peer_addr = match vni_src(v.vni()) {
-        2 => Some(PEER2),
-        3 => Some(PEER3),
-        _ => None,
-    };
-    let ip_len = usize::from(u16::from_be_bytes([p[16], p[17]]));
-    v.dst_port() == 6784
-        && ipv4_checksum(&ip) == 0
-        && ip_len + 14 <= p.len()
-        && ip_len >= 50
-        && p.len() >= 64 + 20
-        && frag == 0
-        && vni_dst(v.vni()) == 1
-        && peer_addr == Some(v.src_ip())
-}
-
-/// Mutated and truncated VXLAN frames: the program delivers exactly those the
-/// reference accepts (and then exactly the inner frame), and every run lands in
-/// exactly one counter (passed, delivered, or dropped for a reason).
-#[test]
-fn decap_agrees_with_the_reference_on_mutated_packets() {
-    const RUNS: usize = 3000;
-    let mut f = Fixture::new();
-    let mut rng = Rng(0x5eed_cafe_f00d_d00d);
-    let bases = [
-        vxlan_from(PEER2, vni(1, 2), &inner_frame(POD_LOCAL, POD_REMOTE, 40)),
-        vxlan_from(PEER3, vni(1, 3), &arp_request(POD_REMOTE)),
-    ];
-    let mut delivered = 0;
-    for i in 0..RUNS {
-        let mut p = bases[i % bases.len()].clone();
-        // Flip one to three bytes in the headers (where decisions are made), and
-        // sometimes fix the checksum so deeper checks are reached.
-        for _ in 0..=rng.below(3) {
-            let at = rng.below(64);
-            p[at] ^= 1 << rng.below(8);
-        }
-        if rng.below(2) == 0 {
-            fix_ip_checksum(&mut p);
-        }
-        if rng.below(8) == 0 {
-            // BPF_PROG_TEST_RUN refuses an IPv4 frame shorter than its IP header,
-            // so truncations keep at least Ethernet + IPv4.
-            p.truncate(34 + rng.below(p.len() - 34));
-        }
-        let expect = reference_delivers(&p);
-        let (action, out) = f.run(programs::INGRESS, &p);
-        if expect {
-            assert_eq!(
-                action, TC_ACT_REDIRECT,
-                "run {i}: {p:02x?} should be delivered"
-            );
-            assert_eq!(
-                out,
-                p[50..],
-                "run {i}: delivered frame is not the inner frame"
-            );
-            delivered += 1;
-        } else {
-            assert_ne!(
-                action, TC_ACT_REDIRECT,
-                "run {i}: {p:02x?} must not be delivered"
-            );
-        }
-    }
-    let total: u64 = Counter::ALL.iter().map(|&c| f.counter(c)).sum();
-    assert_eq!(total, RUNS as u64, "every run is counted exactly once");
-    assert_eq!(f.counter(Counter::RxDelivered), delivered);
-    assert!(
-        delivered > 0 && delivered < RUNS as u64,
-        "mutations hit both outcomes"
+        "nothing learned from a refused frame"
     );
 }

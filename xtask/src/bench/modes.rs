@@ -148,12 +148,12 @@ impl Running {
     }
 
     /// weft's programs attached in this mode: (host label, program name, id), for
-    /// each agent host's underlay (`eth0`) and bridge port (`vethwe-bridge`).
+    /// each agent host's VXLAN device (`weft-vxlan`).
     pub fn weft_programs(&self) -> Result<Vec<(String, String, u32)>> {
         let mut out = Vec::new();
         for &n in &self.agent_hosts {
             let ns = &self.tb.host(n)?.ns;
-            for dev in ["vethwe-bridge", "eth0"] {
+            for dev in ["weft-vxlan"] {
                 for p in tcx_programs(ns, dev)? {
                     if p.name.starts_with("weft_") {
                         out.push((format!("host{n}"), p.name, p.id));
