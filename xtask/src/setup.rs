@@ -31,6 +31,8 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("tc", "iproute2"),
     ("strip", "binutils"),
     ("setpriv", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("ethtool", "ethtool"),
 ];
 
 /// How much setup reports.
