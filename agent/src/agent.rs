@@ -134,7 +134,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("reading this network namespace's cookie")?;
     let fresh_pins = !pins.exists();
     // Creating (or opening) the maps proves the BPF privileges; nothing is attached.
-    let ebpf = match loader::load(&pins) {
+    let ebpf = match loader::load(&pins, args.ebpf_object.as_deref()) {
         Ok(ebpf) => ebpf,
         Err(e) => {
             if fresh_pins {

@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// in a directory of this network namespace's own.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// Load the eBPF programs from this object file instead of the ones built in
+    /// (development, and tests of upgrades between different programs).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub ebpf_object: Option<PathBuf>,
 }
 
 /// Options of `weft reset`.

@@ -228,10 +228,10 @@ fn netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// Loads the embedded object with its maps under `pins` (reusing the maps pinned
-/// there by an earlier run of the same layout, creating them otherwise). Programs
-/// are not loaded yet.
-pub fn load(pins: &PinDir) -> Result<Ebpf, LoaderError> {
+/// Loads the embedded object (or the object file `object`) with its maps under
+/// `pins` (reusing the maps pinned there by an earlier run of the same layout,
+/// creating them otherwise). Programs are not loaded yet.
+pub fn load(pins: &PinDir, object: Option<&Path>) -> Result<Ebpf, LoaderError> {
     let maps = pins.maps();
     for dir in [maps.clone(), pins.root.join("links")] {
         std::fs::create_dir_all(&dir).map_err(|source| {
@@ -245,16 +245,19 @@ pub fn load(pins: &PinDir) -> Result<Ebpf, LoaderError> {
             }
         })?;
     }
-    EbpfLoader::new()
-        .default_map_pin_directory(&maps)
-        .load(EBPF_OBJECT)
-        .map_err(|e| {
-            if is_permission_error(&e) {
-                LoaderError::Permission
-            } else {
-                LoaderError::Load(e)
-            }
-        })
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&maps);
+    match object {
+        Some(path) => loader.load_file(path),
+        None => loader.load(EBPF_OBJECT),
+    }
+    .map_err(|e| {
+        if is_permission_error(&e) {
+            LoaderError::Permission
+        } else {
+            LoaderError::Load(e)
+        }
+    })
 }
 
 /// Whether TC programs attach through TCX links (else netlink filters).

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FIRST_CONTACT, Must, agent_bin, bed, start_agents};
+use common::{FIRST_CONTACT, Must, agent_bin, bed, running_pair, start_agents};
 use weft_common::wire::{SRC_PORT_MAX, SRC_PORT_MIN, VXLAN_PORT, Vxlan, vni};
 use weft_testbed::{capture_vxlan, ping, pod_exec, pod_mac, tcp_transfer, wait_ping};
 
@@ -73,12 +73,7 @@ fn ping_and_tcp_between_every_pair_of_hosts() {
 #[test]
 fn arp_resolves_across_hosts() {
     let bin = agent_bin();
-    let mut tb = bed(2, 1);
-    start_agents(&mut tb, &bin, &[1, 2]);
-    let (p1, p2) = (
-        tb.pod(1, 1).must("pod").clone(),
-        tb.pod(2, 1).must("pod").clone(),
-    );
+    let (_tb, p1, p2) = running_pair(&bin);
     let (mac1, mac2) = (pod_mac(&p1).must("mac"), pod_mac(&p2).must("mac"));
     for p in [&p1, &p2] {
         let n = pod_exec(p, &["ip", "neigh", "show", "dev", "eth0"]).must("neigh");
@@ -117,12 +112,7 @@ fn arp_resolves_across_hosts() {
 #[test]
 fn underlay_carries_weave_vxlan() {
     let bin = agent_bin();
-    let mut tb = bed(2, 1);
-    start_agents(&mut tb, &bin, &[1, 2]);
-    let (p1, p2) = (
-        tb.pod(1, 1).must("pod").clone(),
-        tb.pod(2, 1).must("pod").clone(),
-    );
+    let (tb, p1, p2) = running_pair(&bin);
     let (mac1, mac2) = (pod_mac(&p1).must("mac"), pod_mac(&p2).must("mac"));
     wait_ping(&p1, p2.addr, FIRST_CONTACT).must("first contact");
     let host1 = tb.host(1).must("host").clone();

@@ -201,10 +201,40 @@ fn reset_refuses_while_an_agent_runs() {
     assert_datapath_in_place(&tb, 1, "after a refused reset");
 }
 
+/// How the agent on host 2 goes away before a new one starts.
+#[derive(Clone, Copy, PartialEq)]
+enum Restart {
+    /// `kill -9`.
+    Kill,
+    /// SIGTERM.
+    Stop,
+    /// SIGTERM, then an agent loading another eBPF object (the variant build).
+    Upgrade,
+}
+
+/// The tag (hash of the instructions) of BPF program `id`.
+fn prog_tag(id: u32) -> String {
+    let out =
+        weft_testbed::cmd::run_args("bpftool", &["-j", "prog", "show", "id", &id.to_string()])
+            .must("bpftool prog show");
+    let v: serde_json::Value = serde_json::from_str(&out).must_json(&out);
+    v["tag"].as_str().unwrap_or_default().to_owned()
+}
+
+trait MustJson<T> {
+    fn must_json(self, text: &str) -> T;
+}
+
+impl<T> MustJson<T> for Result<T, serde_json::Error> {
+    fn must_json(self, text: &str) -> T {
+        self.unwrap_or_else(|e| panic!("invalid JSON ({e}): {text}"))
+    }
+}
+
 /// The agent dies (SIGKILL) or stops (SIGTERM) under a 10 ms ping stream, stays away
-/// 2 s, and a new agent starts: not one ping is lost, and the new agent replaced the
-/// programs in place (same links, new programs).
-fn restart_loses_nothing(kill: bool) {
+/// 2 s, and a new agent starts (of the same or another eBPF object): not one ping is
+/// lost, and the new agent replaced the programs in place (same links, new programs).
+fn restart_loses_nothing(how: Restart) {
     let bin = agent_bin();
     let mut tb = bed(2, 1);
     start_agents(&mut tb, &bin, &[1, 2]);
@@ -212,17 +242,26 @@ fn restart_loses_nothing(kill: bool) {
     let p2 = tb.pod(2, 1).must("pod").clone();
     wait_ping(&p1, p2.addr, FIRST_CONTACT).must("traffic before the restart");
     let before = attached_ids(&tb, 2);
+    let tags_before: Vec<String> = before.iter().map(|&id| prog_tag(id)).collect();
+    let variant = std::env::var("WEFT_EBPF_VARIANT_OBJECT");
+    let extra: Vec<&str> = match (&variant, how) {
+        (Ok(object), Restart::Upgrade) => vec!["--ebpf-object", object.as_str()],
+        (Err(_), Restart::Upgrade) => {
+            panic!("WEFT_EBPF_VARIANT_OBJECT not set: run through `cargo xtask test`")
+        }
+        _ => Vec::new(),
+    };
 
     // 600 probes 10 ms apart take 6 s or more; the restart happens within them.
     let stream = ping_in_background(&p1, &p2, 6);
     std::thread::sleep(Duration::from_millis(500));
-    if kill {
+    if how == Restart::Kill {
         tb.kill9_agent(2).must("kill -9 host2");
     } else {
         tb.stop_agent(2).must("SIGTERM host2");
     }
     std::thread::sleep(Duration::from_secs(2));
-    tb.start_agent(2, &bin, &[]).must("restart host2");
+    tb.start_agent(2, &bin, &extra).must("restart host2");
     let r = stream.join().expect("ping thread").must("ping stream");
     assert_eq!(r.transmitted, 600, "the whole stream ran: {r:?}");
     assert_eq!(
@@ -247,16 +286,30 @@ fn restart_loses_nothing(kill: bool) {
         stats["connections"][0]["rx_packets"].as_u64().unwrap_or(0) > 0,
         "counters survive the restart: {stats}"
     );
+    let tags_after: Vec<String> = after.iter().map(|&id| prog_tag(id)).collect();
+    if how == Restart::Upgrade {
+        assert_ne!(
+            tags_before, tags_after,
+            "the upgrade runs other programs (instruction tags differ)"
+        );
+    } else {
+        assert_eq!(tags_before, tags_after, "a restart runs the same programs");
+    }
 }
 
 #[test]
 fn restart_after_kill9_loses_no_packet() {
-    restart_loses_nothing(true);
+    restart_loses_nothing(Restart::Kill);
 }
 
 #[test]
 fn restart_after_sigterm_loses_no_packet() {
-    restart_loses_nothing(false);
+    restart_loses_nothing(Restart::Stop);
+}
+
+#[test]
+fn upgrade_to_other_programs_loses_no_packet() {
+    restart_loses_nothing(Restart::Upgrade);
 }
 
 /// Without `--iface` the agent takes the interface of the IPv4 default route.

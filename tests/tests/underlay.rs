@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use common::{Bed, FIRST_CONTACT, Must, agent_bin, bed, start_agents};
+use common::{Bed, FIRST_CONTACT, Must, agent_bin, bed, running_pair, start_agents};
 use weft_common::maps::{MACS_MAP, MAP_LAYOUT_VERSION, MacEntry, MacKey};
 use weft_testbed::{Pod, ns_exec, ping_stream, tcp_transfer, wait_ping};
 
@@ -225,12 +225,7 @@ fn pinned_macs(tb: &Bed) -> Vec<HashMap<MapData, MacKey, MacEntry>> {
 #[test]
 fn status_stays_quick_with_100k_learned_macs() {
     let bin = agent_bin();
-    let mut tb = bed(2, 1);
-    start_agents(&mut tb, &bin, &[1, 2]);
-    let (p1, p2) = (
-        tb.pod(1, 1).must("pod").clone(),
-        tb.pod(2, 1).must("pod").clone(),
-    );
+    let (tb, p1, p2) = running_pair(&bin);
     wait_ping(&p1, p2.addr, FIRST_CONTACT).must("first contact");
     let tables = pinned_macs(&tb);
     assert_eq!(tables.len(), 2, "one pinned MAC table per host");

@@ -39,6 +39,19 @@ pub fn build_ebpf(ws: &Workspace) -> Result<PathBuf> {
     Ok(object)
 }
 
+/// Builds the variant eBPF object (other code, same maps), which the tests load into
+/// a running datapath to check that an upgrade swaps programs without loss.
+pub fn build_ebpf_variant(ws: &Workspace) -> Result<PathBuf> {
+    exec::run(&mut ws.cargo_ebpf_variant("build")?)?;
+    let object = ws.ebpf_variant_object();
+    let size = file_size(&object)?;
+    eprintln!(
+        "build: variant eBPF object {} ({size} bytes)",
+        object.display()
+    );
+    Ok(object)
+}
+
 /// Builds the agent against the eBPF object [`build_ebpf`] produced; returns its path.
 pub fn build_agent(ws: &Workspace, profile: Profile) -> Result<PathBuf> {
     let mut cmd = ws.cargo();

@@ -13,10 +13,12 @@ use crate::{
 /// Runs all stages and prints one summary line per stage.
 pub fn run(ws: &Workspace) -> Result<()> {
     let agent = build::run(ws, &build::Args { debug: false })?;
+    let variant = build::build_ebpf_variant(ws)?;
     let cargo_test = || {
         let mut cmd = ws.cargo();
         cmd.arg("test")
             .env("WEFT_EBPF_OBJECT", ws.ebpf_object())
+            .env("WEFT_EBPF_VARIANT_OBJECT", &variant)
             .env("WEFT_AGENT_BIN", &agent);
         cmd
     };

@@ -96,6 +96,29 @@ impl Workspace {
         Ok(cmd)
     }
 
+    /// [`Workspace::cargo_ebpf`] for the variant object (`--cfg weft_variant`), in a
+    /// target directory of its own so the two builds never invalidate each other.
+    pub fn cargo_ebpf_variant(&self, subcommand: &str) -> Result<Command> {
+        let mut cmd = self.cargo_ebpf(subcommand)?;
+        cmd.env("CARGO_TARGET_DIR", self.variant_target_dir()).env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            bpf_rustflags()? + "\x1f--cfg=weft_variant",
+        );
+        Ok(cmd)
+    }
+
+    fn variant_target_dir(&self) -> PathBuf {
+        self.target_dir.join("ebpf-variant")
+    }
+
+    /// The variant eBPF object (see [`Workspace::cargo_ebpf_variant`]).
+    pub fn ebpf_variant_object(&self) -> PathBuf {
+        self.variant_target_dir()
+            .join(BPF_TARGET)
+            .join("release")
+            .join("weft")
+    }
+
     /// `$PATH` with `.tools/bin` (bpf-linker) in front.
     fn path_with_tools(&self) -> Result<std::ffi::OsString> {
         let old = env::var_os("PATH").unwrap_or_default();

@@ -68,6 +68,16 @@ pub fn start_agents(tb: &mut Testbed, bin: &std::path::Path, hosts: &[u8]) {
     }
 }
 
+/// Two hosts with one pod each and agents running on both: (testbed, host1's pod,
+/// host2's pod).
+pub fn running_pair(bin: &std::path::Path) -> (Bed, weft_testbed::Pod, weft_testbed::Pod) {
+    let mut tb = bed(2, 1);
+    start_agents(&mut tb, bin, &[1, 2]);
+    let p1 = tb.pod(1, 1).must("pod").clone();
+    let p2 = tb.pod(2, 1).must("pod").clone();
+    (tb, p1, p2)
+}
+
 /// How long a freshly started datapath may take to carry the first ping.
 pub const FIRST_CONTACT: Duration = Duration::from_secs(10);
 
