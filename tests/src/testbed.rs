@@ -225,6 +225,12 @@ impl Testbed {
         format!("{}-ul", self.prefix)
     }
 
+    /// The underlay switch's port towards host `n` (in [`Testbed::underlay_ns`]): it
+    /// receives what host `n` sends on the wire.
+    pub fn underlay_port(n: u8) -> String {
+        format!("h{n}")
+    }
+
     /// All hosts, host N at index N-1.
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
@@ -267,7 +273,7 @@ impl Testbed {
         let ns = host.ns.clone();
         let ul = self.underlay_ns();
         self.add_namespace(&ns)?;
-        let ul_port = format!("h{n}");
+        let ul_port = Self::underlay_port(n);
         run_args(
             "ip",
             &[

@@ -19,7 +19,8 @@ use crate::{
 /// The bpf-linker release built into `.tools`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Binaries the tests and the demo use, with the Debian package providing each.
+/// Binaries the tests, the demo and the bench use, with the Debian package providing
+/// each.
 const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),

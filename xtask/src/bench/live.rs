@@ -1,5 +1,5 @@
 //! weft's programs timed in the running datapath: after the rounds, each weft mode
-//! gets one more TCP and UDP test with the kernel's BPF run-time statistics on
+//! gets one more TCP and UDP test per underlay profile with the kernel's BPF run-time statistics on
 //! (`BPF_ENABLE_STATS`, held by a file descriptor, so they switch off when it closes
 //! or the process dies), and the programs' `run_time_ns` / `run_cnt` deltas give the
 //! average cost of one run on real traffic. Not during the rounds: the statistics
@@ -15,11 +15,14 @@ use super::{
     Durations,
     measure::{self, Test},
     modes::Running,
+    profile::Profile,
 };
 
 /// One program on one host during one test.
 #[derive(Debug, Clone)]
 pub struct LiveCost {
+    /// The underlay profile.
+    pub profile: Profile,
     /// The mode.
     pub mode: String,
     /// The test that ran.
@@ -38,15 +41,16 @@ impl LiveCost {
     /// For bench.json.
     pub fn json(&self) -> Value {
         json!({
-            "mode": self.mode, "test": self.test, "host": self.host,
+            "profile": self.profile.name(), "mode": self.mode, "test": self.test, "host": self.host,
             "program": self.program, "runs": self.runs, "ns_per_run": self.ns_per_run,
         })
     }
 }
 
-/// Runs a TCP (1 stream) and a 64-byte UDP test on `r` with run-time statistics on;
-/// returns each weft program's runs and average ns per run.
-pub fn profile(mode: &str, r: &Running, d: &Durations) -> Result<Vec<LiveCost>> {
+/// Runs a TCP (1 stream) and a 64-byte UDP test on `r` (already under `underlay`)
+/// with run-time statistics on; returns each weft program's runs and average ns per
+/// run.
+pub fn profile(mode: &str, underlay: Profile, r: &Running, d: &Durations) -> Result<Vec<LiveCost>> {
     let progs = r.weft_programs()?;
     if progs.is_empty() {
         return Ok(Vec::new());
@@ -61,12 +65,13 @@ pub fn profile(mode: &str, r: &Running, d: &Durations) -> Result<Vec<LiveCost>> 
     let mut out = Vec::new();
     for (test, label) in [(Test::Tcp1, "TCP 1 stream"), (Test::Udp64, "UDP 64-byte")] {
         let before = snapshot(&progs)?;
-        measure::run(test, &r.client, &r.server, &short)?;
+        measure::run(test, r, &short)?;
         let after = snapshot(&progs)?;
         for (((host, name, _), b), a) in progs.iter().zip(&before).zip(&after) {
             let runs = a.1.saturating_sub(b.1);
             let ns = a.0.saturating_sub(b.0);
             out.push(LiveCost {
+                profile: underlay,
                 mode: mode.to_string(),
                 test: label,
                 host: host.clone(),

@@ -1,5 +1,7 @@
 //! The per-mode tests: iperf3 TCP (1 and 4 streams) and 64-byte UDP, the 1-byte
-//! request/response test, and CPU time from `/proc/stat` around the 1-stream test.
+//! request/response test, and around the 1-stream test: CPU time from `/proc/stat`,
+//! and packet sizes from interface counters (what the receiver gets, what crosses the
+//! wire).
 
 use std::{
     os::unix::process::CommandExt,
@@ -14,7 +16,11 @@ use weft_testbed::{
     interrupted,
 };
 
-use super::{Durations, modes::Endpoint, rr};
+use super::{
+    Durations,
+    modes::{Endpoint, Port, Running},
+    rr,
+};
 
 /// The iperf3 server's port (each mode's server runs in its own namespace).
 const IPERF_PORT: u16 = 5201;
@@ -77,11 +83,17 @@ pub enum Metric {
     UdpMpps,
     /// CPU seconds (all cores) per GB received in the 1-stream TCP test.
     CpuSecPerGb,
+    /// Bytes per packet the receiving end's `eth0` got in the 1-stream TCP test.
+    RxBytesPerPacket,
+    /// Bytes per IP packet the receiving end's stack got in the 1-stream TCP test.
+    RxIpBytesPerPacket,
+    /// Bytes per frame the client's host put on the wire in the 1-stream TCP test.
+    WireBytesPerFrame,
 }
 
 impl Metric {
     /// Every metric, in table order.
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 10] = [
         Metric::Tcp1Gbps,
         Metric::Tcp4Gbps,
         Metric::RrTps,
@@ -89,6 +101,9 @@ impl Metric {
         Metric::RrP99Us,
         Metric::UdpMpps,
         Metric::CpuSecPerGb,
+        Metric::RxBytesPerPacket,
+        Metric::RxIpBytesPerPacket,
+        Metric::WireBytesPerFrame,
     ];
 
     /// Its key in bench.json.
@@ -101,6 +116,9 @@ impl Metric {
             Metric::RrP99Us => "rr_p99_us",
             Metric::UdpMpps => "udp_64b_mpps_received",
             Metric::CpuSecPerGb => "cpu_s_per_gb_tcp_1_stream",
+            Metric::RxBytesPerPacket => "tcp_1_stream_receiver_eth0_bytes_per_packet",
+            Metric::RxIpBytesPerPacket => "tcp_1_stream_receiver_ip_bytes_per_packet",
+            Metric::WireBytesPerFrame => "tcp_1_stream_wire_bytes_per_frame",
         }
     }
 
@@ -114,13 +132,28 @@ impl Metric {
             Metric::RrP99Us => "TCP 1-byte req/resp, p99 µs (lower is better)",
             Metric::UdpMpps => "UDP 64-byte payload, Mpackets/s received",
             Metric::CpuSecPerGb => "CPU s per GB, TCP 1 stream (lower is better)",
+            Metric::RxBytesPerPacket => "TCP 1 stream, bytes per packet into receiver's eth0",
+            Metric::RxIpBytesPerPacket => "TCP 1 stream, bytes per IP packet into receiver",
+            Metric::WireBytesPerFrame => "TCP 1 stream, bytes per frame on the wire",
         }
+    }
+
+    /// Whether the ratio columns apply (not to the packet sizes, which are evidence of
+    /// the profile rather than a performance figure).
+    pub fn compared(self) -> bool {
+        !matches!(
+            self,
+            Metric::RxBytesPerPacket | Metric::RxIpBytesPerPacket | Metric::WireBytesPerFrame
+        )
     }
 
     /// Decimal places in the table.
     pub fn decimals(self) -> usize {
         match self {
-            Metric::RrTps => 0,
+            Metric::RrTps
+            | Metric::RxBytesPerPacket
+            | Metric::RxIpBytesPerPacket
+            | Metric::WireBytesPerFrame => 0,
             Metric::Tcp1Gbps | Metric::Tcp4Gbps | Metric::RrP50Us | Metric::RrP99Us => 1,
             Metric::UdpMpps | Metric::CpuSecPerGb => 3,
         }
@@ -138,22 +171,25 @@ pub struct Sample {
     pub detail: Value,
 }
 
-/// Runs `test` from `client` to `server`; returns its samples.
-pub fn run(test: Test, client: &Endpoint, server: &Endpoint, d: &Durations) -> Result<Vec<Sample>> {
+/// Runs `test` from `r`'s client to its server; returns its samples.
+pub fn run(test: Test, r: &Running, d: &Durations) -> Result<Vec<Sample>> {
+    let (client, server) = (&r.client, &r.server);
     match test {
         Test::Tcp1 => {
-            let rx0 = link_rx(&server.ns)?;
-            let cpu0 = CpuTimes::read()?;
-            let r = iperf(client, server, &["-P", "1"], d.tcp)?;
-            let cpu1 = CpuTimes::read()?;
-            let rx1 = link_rx(&server.ns)?;
-            let rx_packets = rx1.1.saturating_sub(rx0.1);
-            let rx_avg = if rx_packets == 0 {
-                0.0
-            } else {
-                rx1.0.saturating_sub(rx0.0) as f64 / rx_packets as f64
+            let receiver = Port {
+                ns: server.ns.clone(),
+                dev: "eth0".into(),
             };
-            let (bps, bytes, secs) = tcp_received(&r)?;
+            let rx0 = link_rx(&receiver)?;
+            let ip0 = ip_rx(&server.ns)?;
+            let wire0 = link_rx(&r.wire)?;
+            let cpu0 = CpuTimes::read()?;
+            let out = iperf(client, server, &["-P", "1"], d.tcp)?;
+            let cpu1 = CpuTimes::read()?;
+            let rx = per_packet(rx0, link_rx(&receiver)?);
+            let ip = per_packet(ip0, ip_rx(&server.ns)?);
+            let wire = per_packet(wire0, link_rx(&r.wire)?);
+            let (bps, bytes, secs) = tcp_received(&out)?;
             let busy = cpu1.busy_seconds_since(&cpu0);
             let gb = bytes / 1e9;
             ensure!(gb > 0.0, "iperf3 received no bytes");
@@ -163,9 +199,7 @@ pub fn run(test: Test, client: &Endpoint, server: &Endpoint, d: &Durations) -> R
                     value: bps / 1e9,
                     detail: serde_json::json!({
                         "bytes": bytes, "seconds": secs, "bits_per_second": bps,
-                        "retransmits": r["end"]["sum_sent"]["retransmits"],
-                        "server_eth0_rx_packets": rx_packets,
-                        "server_eth0_rx_bytes_per_packet": rx_avg,
+                        "retransmits": out["end"]["sum_sent"]["retransmits"],
                     }),
                 },
                 Sample {
@@ -176,6 +210,18 @@ pub fn run(test: Test, client: &Endpoint, server: &Endpoint, d: &Durations) -> R
                         "wall_seconds": cpu1.wall.duration_since(cpu0.wall).as_secs_f64(),
                     }),
                 },
+                rx.sample(
+                    Metric::RxBytesPerPacket,
+                    serde_json::json!({"namespace": receiver.ns, "interface": receiver.dev}),
+                ),
+                ip.sample(
+                    Metric::RxIpBytesPerPacket,
+                    serde_json::json!({"namespace": server.ns, "counters": "Ip InReceives, IpExt InOctets"}),
+                ),
+                wire.sample(
+                    Metric::WireBytesPerFrame,
+                    serde_json::json!({"namespace": r.wire.ns, "interface": r.wire.dev}),
+                ),
             ])
         }
         Test::Tcp4 => {
@@ -238,8 +284,8 @@ pub fn run(test: Test, client: &Endpoint, server: &Endpoint, d: &Durations) -> R
 }
 
 /// A short unrecorded TCP run, so ARP, MAC tables and caches are warm for round 1.
-pub fn warm_up(client: &Endpoint, server: &Endpoint) -> Result<()> {
-    iperf(client, server, &["-P", "1"], Duration::from_secs(1)).map(drop)
+pub fn warm_up(r: &Running) -> Result<()> {
+    iperf(&r.client, &r.server, &["-P", "1"], Duration::from_secs(1)).map(drop)
 }
 
 fn num(v: &Value, key: &str) -> Result<f64> {
@@ -343,16 +389,87 @@ impl Drop for IperfServer {
     }
 }
 
-/// (rx bytes, rx packets) of `eth0` in namespace `ns`. A veth counts each skb once,
-/// so bytes per packet far above the MTU mean GSO super-packets arrived whole.
-fn link_rx(ns: &str) -> Result<(u64, u64)> {
-    let text = weft_testbed::cmd::run_in(ns, "ip", &["-s", "-j", "link", "show", "dev", "eth0"])?;
+/// What an interface received between two reads of its counters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Received {
+    bytes: u64,
+    packets: u64,
+}
+
+/// The counters' difference from `before` to `after`, each (rx bytes, rx packets).
+fn per_packet(before: (u64, u64), after: (u64, u64)) -> Received {
+    Received {
+        bytes: after.0.saturating_sub(before.0),
+        packets: after.1.saturating_sub(before.1),
+    }
+}
+
+impl Received {
+    /// Average bytes per packet (0 when none came).
+    fn average(self) -> f64 {
+        if self.packets == 0 {
+            0.0
+        } else {
+            self.bytes as f64 / self.packets as f64
+        }
+    }
+
+    /// Its average as a sample of `metric`, `source` saying where it was counted.
+    fn sample(self, metric: Metric, source: Value) -> Sample {
+        Sample {
+            metric,
+            value: self.average(),
+            detail: serde_json::json!({
+                "source": source, "rx_bytes": self.bytes, "rx_packets": self.packets,
+            }),
+        }
+    }
+}
+
+/// (rx bytes, rx packets) of `port`. A veth counts each skb once, with its Ethernet
+/// header, so bytes per packet far above the MTU mean super-packets arrived (whole
+/// from a sender with TSO, or merged by GRO before the device). A veth with GRO on
+/// counts what it got before its own GRO merges it: see [`ip_rx`].
+fn link_rx(port: &Port) -> Result<(u64, u64)> {
+    let text = weft_testbed::cmd::run_in(
+        &port.ns,
+        "ip",
+        &["-s", "-j", "link", "show", "dev", &port.dev],
+    )?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("ip -j printed {text}"))?;
     let rx = &v[0]["stats64"]["rx"];
     Ok((
         rx["bytes"].as_u64().context("no rx bytes")?,
         rx["packets"].as_u64().context("no rx packets")?,
     ))
+}
+
+/// (bytes, packets) the IP layer of namespace `ns` received: `IpExt InOctets` and
+/// `Ip InReceives`, counted once per skb after GRO.
+fn ip_rx(ns: &str) -> Result<(u64, u64)> {
+    let text = weft_testbed::cmd::run_in(ns, "cat", &["/proc/net/snmp", "/proc/net/netstat"])?;
+    Ok((
+        snmp_counter(&text, "IpExt", "InOctets")?,
+        snmp_counter(&text, "Ip", "InReceives")?,
+    ))
+}
+
+/// Counter `name` of group `group` in `/proc/net/snmp` or `/proc/net/netstat` text:
+/// a `group: names...` line followed by a `group: values...` line.
+fn snmp_counter(text: &str, group: &str, name: &str) -> Result<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if let Some(i) = names.split_whitespace().position(|n| n == name) {
+            let v = values.split_whitespace().nth(i);
+            return v
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("bad {group} {name} value in {values:?}"));
+        }
+    }
+    bail!("no {group} {name} counter")
 }
 
 /// The `cpu` line of `/proc/stat` (all cores), in clock ticks.
@@ -406,6 +523,37 @@ mod tests {
         assert_eq!(busy_ticks(line).unwrap(), 10 + 1 + 5 + 2 + 3 + 4);
         assert!(busy_ticks("cpu 1 2").is_err());
         assert!(busy_ticks("cpu a b c d e f g h").is_err());
+    }
+
+    #[test]
+    fn bytes_per_packet_from_counter_deltas() {
+        let r = per_packet((1_000, 10), (1_000 + 3 * 1514, 13));
+        assert_eq!(
+            r,
+            Received {
+                bytes: 4542,
+                packets: 3
+            }
+        );
+        assert_eq!(r.average(), 1514.0);
+        assert_eq!(per_packet((5, 5), (5, 5)).average(), 0.0);
+        // A counter that went backwards (a recreated link) gives 0, not a wrap.
+        assert_eq!(per_packet((9, 9), (1, 1)).packets, 0);
+    }
+
+    #[test]
+    fn snmp_counters_by_group_and_name() {
+        let text = "Ip: Forwarding DefaultTTL InReceives\nIp: 1 64 10524\n\
+                    Icmp: InMsgs InReceives\nIcmp: 7 8\n\
+                    IpExt: InNoRoutes InOctets\nIpExt: 0 664568160\n";
+        assert_eq!(snmp_counter(text, "Ip", "InReceives").unwrap(), 10524);
+        assert_eq!(snmp_counter(text, "Icmp", "InReceives").unwrap(), 8);
+        assert_eq!(
+            snmp_counter(text, "IpExt", "InOctets").unwrap(),
+            664_568_160
+        );
+        assert!(snmp_counter(text, "Ip", "InOctets").is_err());
+        assert!(snmp_counter("Ip: A B\nIp: 1\n", "Ip", "B").is_err());
     }
 
     #[test]

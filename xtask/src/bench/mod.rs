@@ -6,7 +6,12 @@
 //!   run, so rounds interleave the modes (A B C A B C ...) at no switching cost and
 //!   machine drift hits all of them alike. Figures ([`measure`]): TCP throughput with 1
 //!   and 4 streams (iperf3), a 1-byte TCP ping-pong ([`rr`]), 64-byte UDP packets per
-//!   second received (iperf3), and CPU seconds per GB of the 1-stream test.
+//!   second received (iperf3), and CPU seconds per GB of the 1-stream test, with the
+//!   bytes per packet the receiver got and per frame on the wire during it.
+//! - Per underlay profile ([`profile`]): `veth` (offloads on, super-packets cross the
+//!   wire whole) and `nic` (senders segment, receivers coalesce). Each round runs every
+//!   profile in turn, switching all modes' hosts at once, so the modes compared in a
+//!   round ran under the same profile; ratios are paired per round.
 //! - Not per mode ([`micro`]): each eBPF program's cost per packet through
 //!   `BPF_PROG_TEST_RUN`, the time and kernel memory to program 4,096 peers and 100,000
 //!   MACs, the agent's RSS idle and with 4,096 peers, the stripped agent's size.
@@ -20,6 +25,7 @@ mod live;
 mod measure;
 mod micro;
 mod modes;
+mod profile;
 mod report;
 mod rr;
 
@@ -43,10 +49,16 @@ pub const TAG: &str = "wbench";
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Args {
-    /// A one-minute smoke run: one round, short tests; checks that every figure is
-    /// there and nonzero.
+    /// A one-minute smoke run: one round, 1-second tests; checks that every figure is
+    /// there and nonzero, and that the `nic` profile kept super-packets off the wire.
     #[arg(long)]
     pub quick: bool,
+    /// Underlay profiles: `veth` (the veth defaults: TSO and GSO on, super-packets
+    /// cross the wire whole), `nic` (TSO and GSO off on the hosts' underlay interface,
+    /// so senders segment to MTU-sized frames; GRO on, so receivers coalesce), or
+    /// `all` (both, in turn in every round).
+    #[arg(long, value_enum, default_value_t)]
+    pub profile: profile::Choice,
     /// Modes to measure, comma-separated, in this order (default: every registered
     /// mode).
     #[arg(long, value_delimiter = ',')]
@@ -75,9 +87,9 @@ impl Durations {
     fn new(quick: bool) -> Self {
         if quick {
             Self {
-                tcp: Duration::from_secs(2),
-                rr: Duration::from_secs(2),
-                udp: Duration::from_secs(2),
+                tcp: Duration::from_secs(1),
+                rr: Duration::from_secs(1),
+                udp: Duration::from_secs(1),
             }
         } else {
             Self {
@@ -190,12 +202,14 @@ fn run_inner(ws: &Workspace, args: &Args, agent: &Path) -> Result<PathBuf> {
         running.push((m.name(), r));
         check_interrupt()?;
     }
+    let profiles = args.profile.profiles();
+    apply_profile(&running, profiles[0])?;
     for (name, r) in &running {
         progress_line(&format!("warming up {name}"));
-        measure::warm_up(&r.client, &r.server).with_context(|| format!("warming up {name}"))?;
+        measure::warm_up(r).with_context(|| format!("warming up {name}"))?;
     }
     let tests = measure::Test::ALL;
-    let total = rounds as usize * running.len() * tests.len();
+    let total = rounds as usize * profiles.len() * running.len() * tests.len();
     let mut done = 0usize;
     let per_test_secs = tests
         .iter()
@@ -203,35 +217,46 @@ fn run_inner(ws: &Workspace, args: &Args, agent: &Path) -> Result<PathBuf> {
         .sum::<f64>()
         / tests.len() as f64;
     for round in 1..=rounds {
-        for (name, r) in &running {
-            for test in tests {
-                check_interrupt()?;
-                let left = (total - done) as f64 * per_test_secs;
-                progress(&format!(
-                    "[{}/{total} {} elapsed, ~{} left] round {round}/{rounds} {name}: {}",
-                    done + 1,
-                    fmt_secs(clock.elapsed().as_secs_f64()),
-                    fmt_secs(left),
-                    test.label()
-                ));
-                let samples = measure::run(test, &r.client, &r.server, &durations)
-                    .with_context(|| format!("round {round}, mode {name}: {}", test.label()))?;
-                for s in samples {
-                    rep.add_sample(round, name, s);
+        for &profile in &profiles {
+            apply_profile(&running, profile)?;
+            for (name, r) in &running {
+                for test in tests {
+                    check_interrupt()?;
+                    let left = (total - done) as f64 * per_test_secs;
+                    let p = profile.name();
+                    progress(&format!(
+                        "[{}/{total} {} elapsed, ~{} left] round {round}/{rounds} {p} {name}: {}",
+                        done + 1,
+                        fmt_secs(clock.elapsed().as_secs_f64()),
+                        fmt_secs(left),
+                        test.label()
+                    ));
+                    let samples = measure::run(test, r, &durations).with_context(|| {
+                        format!("round {round}, profile {p}, mode {name}: {}", test.label())
+                    })?;
+                    for s in samples {
+                        rep.add_sample(round, profile, name, s);
+                    }
+                    done += 1;
                 }
-                done += 1;
             }
         }
     }
     progress_done();
 
     for (name, r) in &running {
-        if r.has_agents() {
+        if !r.has_agents() {
+            continue;
+        }
+        for &profile in &profiles {
+            let p = profile.name();
             progress_line(&format!(
-                "{name}: eBPF run-time statistics on live traffic (outside the rounds)"
+                "{p} {name}: eBPF run-time statistics on live traffic (outside the rounds)"
             ));
-            let costs =
-                live::profile(name, r, &durations).with_context(|| format!("profiling {name}"))?;
+            r.apply_profile(profile)
+                .with_context(|| format!("{name}: underlay profile {p}"))?;
+            let costs = live::profile(name, profile, r, &durations)
+                .with_context(|| format!("profiling {name} under {p}"))?;
             rep.live.extend(costs);
         }
     }
@@ -263,9 +288,20 @@ fn run_inner(ws: &Workspace, args: &Args, agent: &Path) -> Result<PathBuf> {
     if args.quick {
         rep.check_sane()
             .context("the quick bench run is incomplete")?;
-        eprintln!("bench: smoke check passed (every mode produced every figure)");
+        eprintln!(
+            "bench: smoke check passed (every mode produced every figure under every profile)"
+        );
     }
     Ok(out)
+}
+
+/// Switches every running mode's hosts to `profile`.
+fn apply_profile(running: &[(&str, modes::Running)], profile: profile::Profile) -> Result<()> {
+    for (name, r) in running {
+        r.apply_profile(profile)
+            .with_context(|| format!("{name}: underlay profile {}", profile.name()))?;
+    }
+    Ok(())
 }
 
 fn check_interrupt() -> Result<()> {

@@ -14,13 +14,16 @@ use std::{
 
 use anyhow::{Result, bail};
 use weft_testbed::{
-    Testbed,
+    Host, Pod, Testbed,
     bench_topology::add_flat_kernel_vxlan,
     cmd::{ns_command, output},
     interrupted, tcx_programs,
 };
 
-use super::TAG;
+use super::{
+    TAG,
+    profile::{End, Profile, UNDERLAY_DEV},
+};
 
 /// VNI of the kernel-VXLAN baseline (any fixed value costs the kernel the same).
 const KERNEL_VXLAN_VNI: u32 = 1;
@@ -34,6 +37,33 @@ pub struct Endpoint {
     pub ns: String,
     /// Its address on the path being measured.
     pub addr: Ipv4Addr,
+}
+
+impl From<&Host> for Endpoint {
+    fn from(h: &Host) -> Self {
+        Endpoint {
+            ns: h.ns.clone(),
+            addr: h.addr,
+        }
+    }
+}
+
+impl From<&Pod> for Endpoint {
+    fn from(p: &Pod) -> Self {
+        Endpoint {
+            ns: p.ns.clone(),
+            addr: p.addr,
+        }
+    }
+}
+
+/// A network interface in a namespace.
+#[derive(Debug, Clone)]
+pub struct Port {
+    /// The network namespace.
+    pub ns: String,
+    /// The interface.
+    pub dev: String,
 }
 
 /// What modes need to set up.
@@ -112,6 +142,11 @@ pub struct Running {
     pub client: Endpoint,
     /// Where servers run.
     pub server: Endpoint,
+    /// The underlay switch's port that receives what the client's host sends: the
+    /// frames on the wire.
+    pub wire: Port,
+    /// Both ends of every host's underlay link (the underlay profile's interfaces).
+    underlay_links: Vec<(Port, End)>,
     /// Hosts running a weft agent.
     agent_hosts: Vec<u8>,
 }
@@ -140,6 +175,14 @@ impl Running {
             );
         }
         serde_json::Value::Object(per_host)
+    }
+
+    /// Switches every host's underlay link to `profile` (and checks it took).
+    pub fn apply_profile(&self, profile: Profile) -> Result<()> {
+        for (port, end) in &self.underlay_links {
+            profile.apply(port, *end)?;
+        }
+        Ok(())
     }
 
     /// Whether weft agents run in this mode.
@@ -198,21 +241,8 @@ impl Mode for Raw {
         let mut tb = Testbed::with_tag(TAG)?;
         tb.add_host(0)?;
         tb.add_host(0)?;
-        let (h1, h2) = (tb.host(1)?.clone(), tb.host(2)?.clone());
-        let r = Running {
-            tb,
-            client: Endpoint {
-                ns: h1.ns,
-                addr: h1.addr,
-            },
-            server: Endpoint {
-                ns: h2.ns,
-                addr: h2.addr,
-            },
-            agent_hosts: Vec::new(),
-        };
-        wait_reachable(&r.client, &r.server)?;
-        Ok(r)
+        let (client, server) = (tb.host(1)?.into(), tb.host(2)?.into());
+        running(tb, client, server, Vec::new())
     }
 }
 
@@ -271,17 +301,37 @@ impl Mode for WeftMode {
 
 /// The ends are pod 1 of host 1 (client) and pod 1 of host 2 (server).
 fn pods_running(tb: Testbed, agent_hosts: Vec<u8>) -> Result<Running> {
-    let (p1, p2) = (tb.pod(1, 1)?.clone(), tb.pod(2, 1)?.clone());
+    let (client, server) = (tb.pod(1, 1)?.into(), tb.pod(2, 1)?.into());
+    running(tb, client, server, agent_hosts)
+}
+
+/// A mode whose client runs on host 1 and server on host 2, once they reach each
+/// other.
+fn running(
+    tb: Testbed,
+    client: Endpoint,
+    server: Endpoint,
+    agent_hosts: Vec<u8>,
+) -> Result<Running> {
+    let switch_port = |n| Port {
+        ns: tb.underlay_ns(),
+        dev: Testbed::underlay_port(n),
+    };
+    let mut underlay_links = Vec::new();
+    for h in tb.hosts() {
+        let eth0 = Port {
+            ns: h.ns.clone(),
+            dev: UNDERLAY_DEV.into(),
+        };
+        underlay_links.push((eth0, End::Host));
+        underlay_links.push((switch_port(h.n), End::Switch));
+    }
     let r = Running {
+        wire: switch_port(1),
+        underlay_links,
         tb,
-        client: Endpoint {
-            ns: p1.ns,
-            addr: p1.addr,
-        },
-        server: Endpoint {
-            ns: p2.ns,
-            addr: p2.addr,
-        },
+        client,
+        server,
         agent_hosts,
     };
     wait_reachable(&r.client, &r.server)?;

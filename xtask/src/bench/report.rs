@@ -1,5 +1,6 @@
-//! Collecting samples, and the two outputs: a Markdown table (medians with min and
-//! max, ratios to `raw` and `kernel-vxlan`) and a JSON file with every raw sample.
+//! Collecting samples, and the two outputs: a Markdown table per underlay profile
+//! (medians with min and max, and paired per-round ratios to `raw` and
+//! `kernel-vxlan`) and a JSON file with every raw sample.
 
 use std::{
     fmt::Write as _,
@@ -8,17 +9,30 @@ use std::{
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
+use weft_testbed::testbed::UNDERLAY_MTU;
 
 use super::{
     Durations,
     live::LiveCost,
     measure::{Metric, Sample, UDP_PAYLOAD},
     micro::{AgentFootprint, MapScale, ProgCost},
+    profile::Profile,
 };
 
 /// Reference modes the ratio columns are taken against.
 const RAW: &str = "raw";
 const KERNEL_VXLAN: &str = "kernel-vxlan";
+/// The largest frame an underlay veth counts when nothing crosses it whole: the MTU
+/// plus the Ethernet header.
+const WIRE_FRAME_MAX: f64 = UNDERLAY_MTU as f64 + 14.0;
+
+/// One recorded sample.
+struct Recorded {
+    round: u32,
+    profile: Profile,
+    mode: String,
+    sample: Sample,
+}
 
 /// A wall-clock time in UTC, seconds since the epoch.
 #[derive(Debug, Clone, Copy)]
@@ -82,7 +96,9 @@ pub struct Report {
     pub skipped: Vec<(String, String)>,
     /// Modes in the order they were measured.
     modes: Vec<String>,
-    samples: Vec<(u32, String, Sample)>,
+    /// Underlay profiles in the order they were measured.
+    profiles: Vec<Profile>,
+    samples: Vec<Recorded>,
     /// eBPF per-packet costs.
     pub prog_costs: Vec<ProgCost>,
     /// weft's programs timed on live traffic.
@@ -128,6 +144,36 @@ pub fn stats(values: &[f64]) -> Option<Stats> {
     })
 }
 
+/// Paired per-round ratios: for each round in which both `mode` and `reference` have
+/// a sample (and the reference's is not 0), `mode`'s over `reference`'s. Samples are
+/// (round, value). Pairing within a round cancels the machine's drift between rounds,
+/// which a ratio of medians would not.
+pub fn paired_ratios(mode: &[(u32, f64)], reference: &[(u32, f64)]) -> Vec<f64> {
+    mode.iter()
+        .filter_map(|(round, a)| {
+            let (_, b) = reference.iter().find(|(r, _)| r == round)?;
+            (*b != 0.0).then(|| a / b)
+        })
+        .collect()
+}
+
+/// `0.93x (0.88-1.02)`: the median of the per-round ratios, with min and max when
+/// they differ; `-` for none.
+fn fmt_ratio(r: Option<Stats>) -> String {
+    match r {
+        None => "-".into(),
+        Some(st) if st.min == st.max => format!("{:.2}x", st.median),
+        Some(st) => format!("{:.2}x ({:.2}-{:.2})", st.median, st.min, st.max),
+    }
+}
+
+fn ratio_json(r: Option<Stats>, per_round: &[f64]) -> Value {
+    r.map_or(
+        Value::Null,
+        |st| json!({"median": st.median, "min": st.min, "max": st.max, "per_round": per_round}),
+    )
+}
+
 impl Report {
     /// An empty report.
     pub fn new(started: UtcTime, quick: bool, rounds: u32, durations: Durations) -> Self {
@@ -138,6 +184,7 @@ impl Report {
             durations,
             skipped: Vec::new(),
             modes: Vec::new(),
+            profiles: Vec::new(),
             samples: Vec::new(),
             prog_costs: Vec::new(),
             live: Vec::new(),
@@ -148,42 +195,75 @@ impl Report {
         }
     }
 
-    /// Records a sample of `mode` in `round`.
-    pub fn add_sample(&mut self, round: u32, mode: &str, sample: Sample) {
+    /// Records a sample of `mode` under `profile` in `round`.
+    pub fn add_sample(&mut self, round: u32, profile: Profile, mode: &str, sample: Sample) {
         if !self.modes.iter().any(|m| m == mode) {
             self.modes.push(mode.to_string());
         }
-        self.samples.push((round, mode.to_string(), sample));
+        if !self.profiles.contains(&profile) {
+            self.profiles.push(profile);
+        }
+        self.samples.push(Recorded {
+            round,
+            profile,
+            mode: mode.to_string(),
+            sample,
+        });
     }
 
-    fn values(&self, mode: &str, metric: Metric) -> Vec<f64> {
+    /// (round, value) of every sample of `mode` under `profile`.
+    fn rounds(&self, profile: Profile, mode: &str, metric: Metric) -> Vec<(u32, f64)> {
         self.samples
             .iter()
-            .filter(|(_, m, s)| m == mode && s.metric == metric)
-            .map(|(_, _, s)| s.value)
+            .filter(|r| r.profile == profile && r.mode == mode && r.sample.metric == metric)
+            .map(|r| (r.round, r.sample.value))
             .collect()
     }
 
-    fn stats(&self, mode: &str, metric: Metric) -> Option<Stats> {
-        stats(&self.values(mode, metric))
+    fn values(&self, profile: Profile, mode: &str, metric: Metric) -> Vec<f64> {
+        let rounds = self.rounds(profile, mode, metric);
+        rounds.into_iter().map(|(_, v)| v).collect()
     }
 
-    /// `mode`'s median over `reference`'s, if both ran.
-    fn ratio(&self, mode: &str, reference: &str, metric: Metric) -> Option<f64> {
-        let a = self.stats(mode, metric)?.median;
-        let b = self.stats(reference, metric)?.median;
-        (b != 0.0).then(|| a / b)
+    fn stats(&self, profile: Profile, mode: &str, metric: Metric) -> Option<Stats> {
+        stats(&self.values(profile, mode, metric))
     }
 
-    /// Fails unless every mode produced every figure with a finite value above zero,
-    /// and the figures that are not per mode are all there.
+    /// The per-round ratios of `mode` over `reference` under `profile` (empty unless
+    /// both ran, or for figures that are not compared).
+    fn ratios(&self, profile: Profile, mode: &str, reference: &str, metric: Metric) -> Vec<f64> {
+        if !metric.compared() {
+            return Vec::new();
+        }
+        paired_ratios(
+            &self.rounds(profile, mode, metric),
+            &self.rounds(profile, reference, metric),
+        )
+    }
+
+    /// Fails unless every mode produced every figure with a finite value above zero
+    /// under every profile, the `nic` profile kept super-packets off the wire, and the
+    /// figures that are not per mode are all there.
     pub fn check_sane(&self) -> Result<()> {
         let mut missing = Vec::new();
-        for mode in &self.modes {
-            for metric in Metric::ALL {
-                let v = self.values(mode, metric);
-                if v.is_empty() || v.iter().any(|x| !x.is_finite() || *x <= 0.0) {
-                    missing.push(format!("{mode}: {} = {v:?}", metric.key()));
+        for &profile in &self.profiles {
+            for mode in &self.modes {
+                for metric in Metric::ALL {
+                    let v = self.values(profile, mode, metric);
+                    if v.is_empty() || v.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+                        missing.push(format!(
+                            "{} {mode}: {} = {v:?}",
+                            profile.name(),
+                            metric.key()
+                        ));
+                    }
+                }
+                let wire = self.values(profile, mode, Metric::WireBytesPerFrame);
+                if profile == Profile::Nic && wire.iter().any(|x| *x > WIRE_FRAME_MAX) {
+                    missing.push(format!(
+                        "nic {mode}: frames on the wire above {WIRE_FRAME_MAX} bytes \
+                         ({wire:?}): senders did not segment"
+                    ));
                 }
             }
         }
@@ -222,13 +302,15 @@ impl Report {
                 ""
             }
         );
+        let profiles: Vec<&str> = self.profiles.iter().map(|p| p.name()).collect();
         let _ = writeln!(
             s,
-            "Machine: {}. {} round(s), modes interleaved in each round; TCP tests {} s, \
-             request/response {} s, UDP {} s each. Run time {}. Reproduce (as root): \
-             `cargo xtask bench`.\n",
+            "Machine: {}. {} round(s); in each round, underlay profile(s) {} in turn, and \
+             under each the modes one after the other. TCP tests {} s, request/response \
+             {} s, UDP {} s each. Run time {}. Reproduce (as root): `cargo xtask bench`.\n",
             machine_line(),
             self.rounds,
+            profiles.join(", "),
             self.durations.tcp.as_secs(),
             self.durations.rr.as_secs(),
             self.durations.udp.as_secs(),
@@ -236,25 +318,55 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "Each figure: median over the rounds (min and max beside it); the ratio columns \
-             divide the median by that of `raw` and of `kernel-vxlan`. Pod MTU 1376, \
-             underlay MTU 1500 (raw runs host to host at 1500).\n"
+            "Each figure: median over the rounds, with min and max. Ratio columns: paired \
+             per round (the mode's sample over the reference's in the same round and \
+             profile), median of those ratios with their min and max in brackets. Pod MTU \
+             1376, underlay MTU 1500 (raw runs host to host at 1500)."
         );
+        for &profile in &self.profiles {
+            self.markdown_profile(&mut s, profile);
+        }
         let _ = writeln!(
             s,
-            "| figure | mode | median | min | max | vs raw | vs kernel-vxlan |\n\
-             |---|---|--:|--:|--:|--:|--:|"
+            "\nUDP: iperf3 `-u -l {UDP_PAYLOAD} -b 0`, packets the receiver got per second. \
+             CPU: busy time of all cores from /proc/stat over the 1-stream test, per GB \
+             received (the whole machine, so other load on it counts too).\n\n\
+             Packet sizes over the 1-stream test (the GRO evidence): rx bytes / rx \
+             packets of the receiving pod's eth0 (raw: the receiving host's), Ethernet \
+             header included, so above {WIRE_FRAME_MAX} the pod got super-packets (whole \
+             from the wire under `veth`; under `nic` merged by GRO at the receiving host \
+             or by the kernel VXLAN device's own GRO). A veth with GRO on counts before it \
+             merges, so raw's eth0 figure stays at frame size under `nic`: the IP row \
+             (IpExt InOctets / Ip InReceives in the receiving namespace, once per packet \
+             after GRO) shows what its stack got. Frames on the wire: rx bytes / rx \
+             packets at the underlay switch's port from the sending host."
+        );
+        for (name, why) in &self.skipped {
+            let _ = writeln!(s, "\nSkipped mode `{name}`: {why}.");
+        }
+        self.markdown_micro(&mut s);
+        self.markdown_notes(&mut s);
+        s
+    }
+
+    /// One profile's table.
+    fn markdown_profile(&self, s: &mut String, profile: Profile) {
+        let _ = writeln!(
+            s,
+            "\n### Underlay profile `{}`\n\n{}.\n\n\
+             | figure | mode | median | min | max | vs raw | vs kernel-vxlan |\n\
+             |---|---|--:|--:|--:|--:|--:|",
+            profile.name(),
+            profile.about()
         );
         for metric in Metric::ALL {
             for mode in &self.modes {
-                let Some(st) = self.stats(mode, metric) else {
+                let Some(st) = self.stats(profile, mode, metric) else {
                     continue;
                 };
                 let d = metric.decimals();
                 let r = |reference: &str| {
-                    self.ratio(mode, reference, metric)
-                        .map(|x| format!("{x:.2}x"))
-                        .unwrap_or_else(|| "-".into())
+                    fmt_ratio(stats(&self.ratios(profile, mode, reference, metric)))
                 };
                 let _ = writeln!(
                     s,
@@ -268,39 +380,6 @@ impl Report {
                 );
             }
         }
-        let _ = writeln!(
-            s,
-            "\nUDP: iperf3 `-u -l {UDP_PAYLOAD} -b 0`, packets the receiver got per second. \
-             CPU: busy time of all cores from /proc/stat over the 1-stream test, per GB \
-             received (the whole machine, so other load on it counts too)."
-        );
-        let sizes: Vec<String> = self
-            .modes
-            .iter()
-            .filter_map(|mode| {
-                let v: Vec<f64> = self
-                    .samples
-                    .iter()
-                    .filter(|(_, m, s)| m == mode && s.metric == Metric::Tcp1Gbps)
-                    .filter_map(|(_, _, s)| s.detail["server_eth0_rx_bytes_per_packet"].as_f64())
-                    .collect();
-                stats(&v).map(|st| format!("{mode} {:.0}", st.median))
-            })
-            .collect();
-        if !sizes.is_empty() {
-            let _ = writeln!(
-                s,
-                "Bytes per packet arriving at the server's eth0 in the 1-stream test (above \
-                 1500: GSO super-packets arrived whole): {}.",
-                sizes.join(", ")
-            );
-        }
-        for (name, why) in &self.skipped {
-            let _ = writeln!(s, "\nSkipped mode `{name}`: {why}.");
-        }
-        self.markdown_micro(&mut s);
-        self.markdown_notes(&mut s);
-        s
     }
 
     fn markdown_micro(&self, s: &mut String) {
@@ -329,21 +408,28 @@ impl Report {
         if !self.live.is_empty() {
             let _ = writeln!(
                 s,
-                "\n### eBPF programs on live traffic\n\nOne more test per weft mode after the \
-                 rounds, with the kernel's BPF run-time statistics on (they cost every BPF \
+                "\n### eBPF programs on live traffic\n\nOne more test per weft mode and \
+                 underlay profile after the rounds, with the kernel's BPF run-time statistics on (they cost every BPF \
                  program two clock reads per run, so they stay off during the rounds). \
                  host1 sends, host2 receives; a TCP run handles a GSO super-packet or an \
                  ACK.\n"
             );
             let _ = writeln!(
                 s,
-                "| mode | test | host | program | runs | ns/run |\n|---|---|---|---|--:|--:|"
+                "| profile | mode | test | host | program | runs | ns/run |\n\
+                 |---|---|---|---|---|--:|--:|"
             );
             for c in &self.live {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | {:.0} |",
-                    c.mode, c.test, c.host, c.program, c.runs, c.ns_per_run
+                    "| {} | {} | {} | {} | {} | {} | {:.0} |",
+                    c.profile.name(),
+                    c.mode,
+                    c.test,
+                    c.host,
+                    c.program,
+                    c.runs,
+                    c.ns_per_run
                 );
             }
         }
@@ -464,22 +550,30 @@ impl Report {
         let samples: Vec<Value> = self
             .samples
             .iter()
-            .map(|(round, mode, s)| {
+            .map(|r| {
                 json!({
-                    "round": round, "mode": mode, "metric": s.metric.key(),
-                    "value": s.value, "detail": s.detail,
+                    "round": r.round, "profile": r.profile.name(), "mode": r.mode,
+                    "metric": r.sample.metric.key(), "value": r.sample.value,
+                    "detail": r.sample.detail,
                 })
             })
             .collect();
         let mut summary = Vec::new();
-        for metric in Metric::ALL {
-            for mode in &self.modes {
-                if let Some(st) = self.stats(mode, metric) {
+        for &profile in &self.profiles {
+            for metric in Metric::ALL {
+                for mode in &self.modes {
+                    let Some(st) = self.stats(profile, mode, metric) else {
+                        continue;
+                    };
+                    let ratio = |reference: &str| {
+                        let per_round = self.ratios(profile, mode, reference, metric);
+                        ratio_json(stats(&per_round), &per_round)
+                    };
                     summary.push(json!({
-                        "metric": metric.key(), "mode": mode,
+                        "profile": profile.name(), "metric": metric.key(), "mode": mode,
                         "median": st.median, "min": st.min, "max": st.max,
-                        "vs_raw": self.ratio(mode, RAW, metric),
-                        "vs_kernel_vxlan": self.ratio(mode, KERNEL_VXLAN, metric),
+                        "vs_raw": ratio(RAW),
+                        "vs_kernel_vxlan": ratio(KERNEL_VXLAN),
                     }));
                 }
             }
@@ -496,6 +590,9 @@ impl Report {
             },
             "elapsed_s": self.elapsed.as_secs_f64(),
             "modes": self.modes,
+            "profiles": self.profiles.iter()
+                .map(|p| json!({"name": p.name(), "about": p.about()}))
+                .collect::<Vec<_>>(),
             "skipped": self.skipped.iter().map(|(n, w)| json!({"mode": n, "reason": w}))
                 .collect::<Vec<_>>(),
             "summary": summary,
@@ -566,32 +663,111 @@ mod tests {
     }
 
     #[test]
-    fn ratios_and_sanity() {
-        let d = Durations::new(true);
-        let mut r = Report::new(UtcTime(0), true, 1, d);
-        for (mode, v) in [("raw", 20.0), ("kernel-vxlan", 10.0), ("weft-fastdp", 12.0)] {
-            for m in Metric::ALL {
-                r.add_sample(1, mode, sample(m, v));
+    fn paired_ratios_pair_samples_of_the_same_round() {
+        let mode = [(1, 10.0), (2, 20.0), (3, 30.0)];
+        let reference = [(3, 40.0), (1, 20.0), (2, 10.0)];
+        assert_eq!(paired_ratios(&mode, &reference), [0.5, 2.0, 0.75]);
+        let st = stats(&paired_ratios(&mode, &reference)).unwrap();
+        assert_eq!((st.median, st.min, st.max), (0.75, 0.5, 2.0));
+        // The ratio of the medians would have been 20 / 20 = 1.
+        // Rounds without a partner, and zero references, give no ratio.
+        assert_eq!(paired_ratios(&mode, &[(2, 10.0), (3, 0.0)]), [2.0]);
+        assert!(paired_ratios(&mode, &[]).is_empty());
+        assert_eq!(fmt_ratio(Some(st)), "0.75x (0.50-2.00)");
+        assert_eq!(fmt_ratio(stats(&[1.2])), "1.20x");
+        assert_eq!(fmt_ratio(None), "-");
+    }
+
+    /// A report of 3 rounds under both profiles; under `nic`, weft's round 2 is slow
+    /// while the references are not.
+    fn three_rounds() -> Report {
+        let mut r = Report::new(UtcTime(0), false, 3, Durations::new(false));
+        for round in 1..=3 {
+            for profile in Profile::ALL {
+                for (mode, v) in [("raw", 20.0), ("kernel-vxlan", 10.0), ("weft-fastdp", 12.0)] {
+                    let v = match (profile, mode, round) {
+                        (Profile::Nic, "weft-fastdp", 2) => 5.0,
+                        (Profile::Nic, _, _) => v / 2.0 * f64::from(round),
+                        _ => v,
+                    };
+                    for m in Metric::ALL {
+                        let v = if m == Metric::WireBytesPerFrame && profile == Profile::Nic {
+                            1514.0
+                        } else {
+                            v
+                        };
+                        r.add_sample(round, profile, mode, sample(m, v));
+                    }
+                }
             }
         }
-        assert_eq!(r.ratio("weft-fastdp", RAW, Metric::Tcp1Gbps), Some(0.6));
-        assert_eq!(
-            r.ratio("weft-fastdp", KERNEL_VXLAN, Metric::Tcp1Gbps),
-            Some(1.2)
+        r
+    }
+
+    #[test]
+    fn ratio_columns_are_paired_per_round_and_per_profile() {
+        let r = three_rounds();
+        let weft = |p, reference| r.ratios(p, "weft-fastdp", reference, Metric::Tcp1Gbps);
+        assert_eq!(weft(Profile::Veth, RAW), [0.6, 0.6, 0.6]);
+        // nic: weft 6, 5, 18 against kernel-vxlan 5, 10, 15.
+        assert_eq!(weft(Profile::Nic, KERNEL_VXLAN), [1.2, 0.5, 1.2]);
+        assert!(
+            r.ratios(Profile::Nic, "weft-fastdp", RAW, Metric::WireBytesPerFrame)
+                .is_empty()
         );
         let md = r.markdown();
-        assert!(
-            md.contains(
-                "| TCP 1 stream, Gbit/s | weft-fastdp | 12.0 | 12.0 | 12.0 | 0.60x | 1.20x |"
-            ),
-            "{md}"
+        for row in [
+            "### Underlay profile `nic`",
+            "| TCP 1 stream, Gbit/s | weft-fastdp | 12.0 | 12.0 | 12.0 | 0.60x | 1.20x |",
+            "| TCP 1 stream, Gbit/s | weft-fastdp | 6.0 | 5.0 | 18.0 | 0.60x (0.25-0.60) \
+             | 1.20x (0.50-1.20) |",
+            "| TCP 1 stream, bytes per frame on the wire | weft-fastdp | 1514 | 1514 | 1514 \
+             | - | - |",
+        ] {
+            assert!(md.contains(row), "{row} not in {md}");
+        }
+        let j = r.json();
+        let nic_weft = j["summary"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["profile"] == "nic"
+                    && e["mode"] == "weft-fastdp"
+                    && e["metric"] == Metric::Tcp1Gbps.key()
+            })
+            .unwrap()
+            .clone();
+        assert_eq!(nic_weft["vs_kernel_vxlan"]["median"], 1.2);
+        assert_eq!(nic_weft["vs_kernel_vxlan"]["min"], 0.5);
+        assert_eq!(
+            nic_weft["vs_raw"]["per_round"],
+            serde_json::json!([0.6, 0.25, 0.6])
         );
+        assert_eq!(j["samples"][0]["profile"], "veth");
+        assert_eq!(j["profiles"][1]["name"], "nic");
+        assert_eq!(
+            j["samples"].as_array().unwrap().len(),
+            3 * 2 * 3 * Metric::ALL.len()
+        );
+    }
+
+    #[test]
+    fn sanity_needs_every_figure_and_segmented_frames_under_nic() {
+        let mut r = three_rounds();
         // Per-mode figures are complete, but the other figures are missing.
         let e = r.check_sane().unwrap_err();
         assert!(format!("{e}").contains("eBPF per-packet costs"), "{e}");
-        r.add_sample(1, "raw", sample(Metric::UdpMpps, 0.0));
-        let e = r.check_sane().unwrap_err();
-        assert!(format!("{e}").contains("raw: udp_64b_mpps_received"), "{e}");
-        assert_eq!(r.json()["samples"].as_array().unwrap().len(), 22);
+        assert!(!format!("{e}").contains("senders did not segment"), "{e}");
+        r.add_sample(1, Profile::Veth, "raw", sample(Metric::UdpMpps, 0.0));
+        r.add_sample(
+            1,
+            Profile::Nic,
+            "raw",
+            sample(Metric::WireBytesPerFrame, 9000.0),
+        );
+        let e = format!("{}", r.check_sane().unwrap_err());
+        assert!(e.contains("veth raw: udp_64b_mpps_received"), "{e}");
+        assert!(e.contains("nic raw: frames on the wire above 1514"), "{e}");
     }
 }
