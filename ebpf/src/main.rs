@@ -41,7 +41,7 @@ use weft_common::{
 };
 
 use crate::{
-    maps::{FLOOD, JUMP, config, count, count_peer, peer, set_flood_cursor, take_flood_cursor},
+    maps::{FLOOD, Flood, JUMP, config, count, count_peer, peer},
     packet::{learn_mac, lookup_mac, read_at, set_tunnel_key, skb, tunnel_key},
 };
 
@@ -59,16 +59,15 @@ pub fn weft_encap(ctx: TcContext) -> i32 {
 
 fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     let cfg = config().ok_or(Counter::DropNotConfigured)?;
-    let len = ctx.len();
-    if let Some(start) = take_flood_cursor() {
-        return flood_run(ctx, &cfg, len, start);
-    }
-    if let Some(key) = tunnel_key(ctx)
-        && vni_src(key.tunnel_id) == cfg.local_short_id
-    {
-        // A flood copy this program made (frames from the bridge carry no tunnel
-        // key of this host's): its key is set, the driver encapsulates it.
+    let state = Flood::this_cpu().ok_or(Counter::DropNotConfigured)?;
+    if state.copying() {
+        // A flood copy this program is sending right now: its key is set, the
+        // driver encapsulates it.
         return Ok(TC_ACT_OK);
+    }
+    let len = ctx.len();
+    if let Some(start) = state.take_continuation() {
+        return flood_run(ctx, &cfg, state, len, start);
     }
     // SAFETY: `skb` points at the program's context for the whole run.
     let gso = unsafe { (*skb(ctx)).gso_size } != 0;
@@ -97,17 +96,23 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
                 return Err(Counter::DropNoPeers);
             }
             count(Counter::TxFlood);
-            flood_run(ctx, &cfg, len, 0)
+            flood_run(ctx, &cfg, state, len, 0)
         }
     }
 }
 
 /// Sends the frame to flood-list entries `start..`, at most [`FLOOD_PEERS_PER_RUN`]
 /// of them in this run: a copy per peer (`bpf_clone_redirect` back into this
-/// device, where the copy passes this program by its tunnel key), and the frame
+/// device, where the copy passes this program by [`Flood::copying`]), and the frame
 /// itself to the last peer. A longer list continues in a tail call of this program.
 #[inline(always)]
-fn flood_run(ctx: &TcContext, cfg: &DatapathConfig, len: u32, start: u32) -> Result<i32, Counter> {
+fn flood_run(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    state: Flood,
+    len: u32,
+    start: u32,
+) -> Result<i32, Counter> {
     let n = cfg.flood_count as u32;
     for k in 0..FLOOD_PEERS_PER_RUN {
         let i = start + k;
@@ -126,17 +131,20 @@ fn flood_run(ctx: &TcContext, cfg: &DatapathConfig, len: u32, start: u32) -> Res
             // The last peer gets the frame itself: no copy.
             return Ok(TC_ACT_OK);
         }
-        if ctx.clone_redirect(cfg.vxlan_ifindex, 0).is_err() {
+        state.set_copying(true);
+        let sent = ctx.clone_redirect(cfg.vxlan_ifindex, 0);
+        state.set_copying(false);
+        if sent.is_err() {
             count(Counter::FloodCopyFailed);
         }
     }
     let next = start + FLOOD_PEERS_PER_RUN;
     if next < n {
-        set_flood_cursor(next);
+        state.set_continuation(next);
         // SAFETY: slot 0 holds this very program; on success control never returns.
         unsafe { JUMP.tail_call(ctx, 0) };
         // Still here: the tail call failed (empty slot or the kernel's limit).
-        take_flood_cursor();
+        state.clear_continuation();
         count(Counter::FloodTruncated);
     }
     // The last peer's slot was empty (a peer removed meanwhile): every copy is out.

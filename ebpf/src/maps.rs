@@ -31,23 +31,29 @@ pub static FLOOD: Array<u32> = Array::pinned(MAX_PEERS, 0);
 #[map(name = "WEFT_JUMP")]
 pub static JUMP: ProgramArray = ProgramArray::pinned(1, 0);
 
-/// Where a flood continues in the next run of `weft_encap` (per CPU).
+/// What `weft_encap` is in the middle of on this CPU: a flood continuing in a tail
+/// call, or a flood copy re-entering the program (per CPU, one entry).
 ///
-/// A tail call jumps straight into the next run on the same CPU with nothing in
-/// between, so a per-CPU slot set just before the call and cleared at the start of
-/// the next run cannot be seen by another packet.
+/// Both are set just before control passes synchronously to the next run on the
+/// same CPU, with bottom halves disabled and nothing in between: a tail call jumps
+/// straight into it, and `bpf_clone_redirect` transmits the copy through the
+/// device's TC egress hook before it returns. So no other packet can see them.
 #[derive(Clone, Copy)]
 #[repr(C)]
-pub struct FloodCursor {
+pub struct FloodState {
     /// Nonzero while a tail call is continuing a flood.
     pub active: u32,
     /// Index in the flood list of the next peer to copy to.
     pub next: u32,
+    /// Nonzero while a flood copy is being sent (its own run must let it pass).
+    pub copying: u32,
+    /// Padding, zero.
+    pub pad: u32,
 }
 
-/// Per-CPU [`FloodCursor`] (one entry).
-#[map(name = "WEFT_FLOOD_CURSOR")]
-pub static FLOOD_CURSOR: PerCpuArray<FloodCursor> = PerCpuArray::pinned(1, 0);
+/// Per-CPU [`FloodState`] (one entry).
+#[map(name = "WEFT_FLOOD_STATE")]
+pub static FLOOD_STATE: PerCpuArray<FloodState> = PerCpuArray::pinned(1, 0);
 
 /// Inner MAC -> peer, learned from decapsulated frames.
 #[map(name = "WEFT_MACS")]
@@ -108,24 +114,61 @@ pub fn count_peer(short_id: u32, bytes: u32, tx: bool) {
     }
 }
 
-/// Marks that the next run of `weft_encap` on this CPU continues a flood at `next`.
-#[inline(always)]
-pub fn set_flood_cursor(next: u32) {
-    if let Some(c) = FLOOD_CURSOR.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot, touched only by this CPU while the program runs.
-        unsafe { *c = FloodCursor { active: 1, next } };
-    }
-}
+/// This CPU's [`FloodState`], read and written only through volatile accesses:
+/// the compiler must not drop a store that only a helper call (a tail call, a clone
+/// that re-enters the program) is there to see.
+#[derive(Clone, Copy)]
+pub struct Flood(*mut FloodState);
 
-/// Clears the flood cursor, returning where the flood continues if one was set.
-#[inline(always)]
-pub fn take_flood_cursor() -> Option<u32> {
-    let c = FLOOD_CURSOR.get_ptr_mut(0)?;
-    // SAFETY: as in `set_flood_cursor`.
-    let cursor = unsafe { &mut *c };
-    if cursor.active == 0 {
-        return None;
+impl Flood {
+    /// This CPU's entry.
+    #[inline(always)]
+    pub fn this_cpu() -> Option<Self> {
+        FLOOD_STATE.get_ptr_mut(0).map(Self)
     }
-    cursor.active = 0;
-    Some(cursor.next)
+
+    /// Whether a flood copy is being sent right now.
+    #[inline(always)]
+    pub fn copying(self) -> bool {
+        // SAFETY: the pointer is this CPU's map slot, valid for the program's run;
+        // runs on one CPU never interleave on it (see `FloodState`).
+        unsafe { (&raw const (*self.0).copying).read_volatile() != 0 }
+    }
+
+    /// Marks (or unmarks) that a flood copy is being sent.
+    #[inline(always)]
+    pub fn set_copying(self, on: bool) {
+        // SAFETY: as in `copying`.
+        unsafe { (&raw mut (*self.0).copying).write_volatile(u32::from(on)) }
+    }
+
+    /// Takes the position a tail-called run continues a flood at, if one is set.
+    #[inline(always)]
+    pub fn take_continuation(self) -> Option<u32> {
+        // SAFETY: as in `copying`.
+        unsafe {
+            if (&raw const (*self.0).active).read_volatile() == 0 {
+                return None;
+            }
+            (&raw mut (*self.0).active).write_volatile(0);
+            Some((&raw const (*self.0).next).read_volatile())
+        }
+    }
+
+    /// Sets where the next (tail-called) run continues the flood.
+    #[inline(always)]
+    pub fn set_continuation(self, next: u32) {
+        // SAFETY: as in `copying`.
+        unsafe {
+            (&raw mut (*self.0).next).write_volatile(next);
+            (&raw mut (*self.0).active).write_volatile(1);
+        }
+    }
+
+    /// Clears a continuation that was not taken (the tail call failed).
+    #[inline(always)]
+    pub fn clear_continuation(self) {
+        // SAFETY: as in `copying`.
+        unsafe { (&raw mut (*self.0).active).write_volatile(0) }
+    }
 }

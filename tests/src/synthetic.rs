@@ -142,6 +142,22 @@ pub fn private_underlay() -> Result<u32> {
         .map(str::to_owned)
         .to_vec(),
     );
+    // No IPv6: vx0's own router solicitations and MLD reports would be flooded to
+    // the peers like any multicast frame and show up among the copies.
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ] {
+        let out = Command::new("sysctl")
+            .args(["-q", "-w", key])
+            .output()
+            .context("cannot run `sysctl`")?;
+        ensure!(
+            out.status.success(),
+            "`sysctl -w {key}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     for args in &steps {
         let out = Command::new("ip")
             .args(args)
