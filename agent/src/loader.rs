@@ -19,11 +19,18 @@ use aya::{
 use weft_common::maps::{JUMP_MAP, programs};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
+#[cfg(not(weft_no_ebpf))]
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
+/// None: this build found no eBPF object (see the build script).
+#[cfg(weft_no_ebpf)]
+static EBPF_OBJECT: &[u8] = &[];
 
 /// Why loading or attaching failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
+    /// The binary embeds no eBPF object (built by plain cargo on a fresh clone).
+    #[error("this binary was built without its eBPF programs: build with `cargo xtask build`")]
+    NotEmbedded,
     /// The kernel refused for lack of privilege.
     #[error(
         "permission denied loading eBPF programs: run weft as root \
@@ -92,6 +99,9 @@ fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Loads the embedded object (maps are created, programs not yet loaded).
 pub fn load() -> Result<Ebpf, LoaderError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(LoaderError::NotEmbedded);
+    }
     EbpfLoader::new().load(EBPF_OBJECT).map_err(|e| {
         if is_permission_error(&e) {
             LoaderError::Permission
