@@ -23,24 +23,26 @@ mod status;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
 use crate::cli::{Cli, Command, StatusArgs, StatusWhat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = match std::env::var("WEFT_LOG") {
-        Ok(v) => match v.parse::<LevelFilter>() {
-            Ok(level) => level,
-            Err(_) => {
-                eprintln!("weft: WEFT_LOG={v:?} is not a level (error, warn, info, debug, trace)");
-                return ExitCode::FAILURE;
-            }
-        },
-        Err(_) => LevelFilter::INFO,
+    // `WEFT_LOG=debug`, or directives like `WEFT_LOG=weft=debug,aya=info`.
+    let filter = match EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .with_env_var("WEFT_LOG")
+        .from_env()
+    {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("weft: WEFT_LOG: {e} (try a level like debug, or weft=debug,aya=info)");
+            return ExitCode::FAILURE;
+        }
     };
     tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
