@@ -1,12 +1,19 @@
 //! Bad input: the agent exits nonzero with a clear message, without panicking and
-//! without leaving devices behind. Need root and `WEFT_AGENT_BIN`.
+//! without leaving devices behind, whether it fails before touching the kernel or
+//! after creating its devices. Need root and `WEFT_AGENT_BIN` (the attach failure
+//! also `WEFT_EBPF_OBJECT`).
 
 mod common;
 
 use std::{path::Path, time::Duration};
 
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TcAttachType},
+};
 use common::{Bed, Must, agent_bin, bed};
-use weft_testbed::links_with_prefix;
+use weft_common::maps::{MACS_MAP, programs};
+use weft_testbed::{links_with_prefix, netns, ns_exec, tcx_programs};
 
 /// Runs the agent on host 1 with `args`, expecting a clean failure whose output
 /// mentions (case-insensitively) at least one of each group in `mentions`.
@@ -43,6 +50,23 @@ fn with_arg(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
     let i = args.iter().position(|a| a == flag).expect("flag present");
     args[i + 1] = value.to_string();
     args
+}
+
+/// Host 1's agent arguments plus `flag value`.
+fn args_plus(tb: &Bed, flag: &str, value: &str) -> Vec<String> {
+    let mut args = tb.agent_args(1).must("args");
+    args.extend([flag.to_owned(), value.to_owned()]);
+    args
+}
+
+/// [`expect_failure`] on a fresh two-host testbed whose host 1 runs the agent with
+/// its usual arguments plus `flag value`; returns the testbed for further checks.
+fn expect_failure_plus(flag: &str, value: &str, case: &str, mentions: &[&[&str]]) -> Bed {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    expect_failure(&tb, &bin, args_plus(&tb, flag, value), case, mentions);
+    tb
 }
 
 fn peers(entries: &[(&str, &str, &str, &str)]) -> String {
@@ -221,4 +245,110 @@ fn no_bpf_privileges() {
         &[&["permission denied"], &["root", "cap_bpf"]],
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn underlay_mtu_too_small() {
+    // 1451 + 50 bytes of encapsulation do not fit the underlay's 1500.
+    expect_failure_plus(
+        "--mtu",
+        "1451",
+        "underlay MTU too small",
+        &[&["--mtu 1451"], &["at least 1501"], &["eth0 has 1500"]],
+    );
+}
+
+/// Fails after the eBPF object is loaded and the control socket bound, before any
+/// device is created.
+#[test]
+fn bridge_name_taken_by_another_device() {
+    let tb = expect_failure_plus(
+        "--bridge",
+        "eth0",
+        "bridge name taken",
+        &[&["eth0"], &["not a bridge"]],
+    );
+    let ns = &tb.host(1).must("host").ns;
+    let eth0 = ns_exec(ns, &["ip", "-o", "link", "show", "eth0"]).must("eth0 still there");
+    assert!(eth0.contains("state UP"), "eth0 left as it was:\n{eth0}");
+}
+
+/// The latest failure there is: attaching the second program, after the agent
+/// created its bridge and veth pair, filled its maps and attached the first program
+/// (to the veth pair, which therefore existed). Host 1's eth0 ingress already holds
+/// as many TCX programs as the kernel allows, so attaching weft's is refused.
+#[test]
+fn attach_failure_after_devices_exist() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    let ns = tb.host(1).must("host").ns.clone();
+    let fillers = fill_tcx_ingress(&ns);
+    let filler_ids: Vec<u32> = attached_ids(&ns);
+    assert!(!filler_ids.is_empty(), "eth0 ingress holds the fillers");
+
+    let bridge = "weftnew0";
+    expect_failure(
+        &tb,
+        &bin,
+        args_plus(&tb, "--bridge", bridge),
+        "attach refused",
+        &[&["attaching"], &[programs::INGRESS], &["out of range"]],
+    );
+    let bridges = links_with_prefix(&ns, bridge).must("ip link");
+    assert!(
+        bridges.is_empty(),
+        "the bridge the agent created is left behind: {bridges:?}"
+    );
+    assert_eq!(
+        attached_ids(&ns),
+        filler_ids,
+        "eth0 ingress holds exactly the fillers again"
+    );
+    drop(fillers);
+    assert!(attached_ids(&ns).is_empty(), "fillers detached");
+}
+
+/// Ids of the programs TCX-attached to eth0's ingress in `ns`.
+fn attached_ids(ns: &str) -> Vec<u32> {
+    tcx_programs(ns, "eth0")
+        .must("TCX query")
+        .into_iter()
+        .filter(|p| p.direction == "ingress")
+        .map(|p| p.id)
+        .collect()
+}
+
+/// Attaches programs to eth0's TCX ingress in `ns` until the kernel refuses one more
+/// (it allows 64 per hook). Each is weft's decapsulation program from
+/// `WEFT_EBPF_OBJECT`, loaded separately (a hook takes a program only once) with a
+/// one-entry MAC table. Dropping the returned objects detaches them.
+fn fill_tcx_ingress(ns: &str) -> Vec<Ebpf> {
+    const MORE_THAN_THE_LIMIT: usize = 256;
+    let object = std::env::var_os("WEFT_EBPF_OBJECT")
+        .expect("WEFT_EBPF_OBJECT not set: run through `cargo xtask test`");
+    let object = std::fs::read(&object).unwrap_or_else(|e| panic!("reading {object:?}: {e}"));
+    netns::join(
+        netns::spawn_in(ns, move || {
+            let mut attached = Vec::new();
+            while attached.len() < MORE_THAN_THE_LIMIT {
+                let mut ebpf = EbpfLoader::new()
+                    .map_max_entries(MACS_MAP, 1)
+                    .load(&object)?;
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut(programs::INGRESS)
+                    .ok_or_else(|| anyhow::anyhow!("no program {}", programs::INGRESS))?
+                    .try_into()?;
+                prog.load()?;
+                match prog.attach(c"eth0", TcAttachType::Ingress) {
+                    Ok(_) => attached.push(ebpf),
+                    Err(e) if attached.is_empty() => return Err(e.into()),
+                    Err(_) => return Ok(attached),
+                }
+            }
+            anyhow::bail!("eth0 took {MORE_THAN_THE_LIMIT} TCX programs without refusing one")
+        }),
+        "filling eth0's TCX ingress",
+    )
+    .must("filling eth0's TCX ingress")
 }
