@@ -29,8 +29,9 @@ fn main() {
         embed(&path);
         return;
     }
-    let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let built = root.join("../target/bpfel-unknown-none/release/weft");
+    let agent_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let root = agent_dir.parent().expect("the agent is a workspace member");
+    let built = root.join("target/bpfel-unknown-none/release/weft");
     if built.is_file() {
         embed(&built);
         return;
