@@ -47,6 +47,9 @@ struct Rollback {
     vxlan: Option<u32>,
     /// The pin directory, if this run created it.
     pins: Option<PinDir>,
+    /// The pin directory whose current-layout maps this run created (the directory
+    /// itself existed).
+    maps: Option<PinDir>,
 }
 
 impl Rollback {
@@ -56,6 +59,11 @@ impl Rollback {
             && let Err(e) = pins.remove()
         {
             tracing::warn!(error = %e, "cleanup: removing pins");
+        }
+        if let Some(pins) = self.maps
+            && let Err(e) = pins.remove_maps()
+        {
+            tracing::warn!(error = %e, "cleanup: removing pinned maps");
         }
         if let Some(index) = self.vxlan
             && let Err(e) = net.delete_link(index, netdev::VXLAN_DEVICE).await
@@ -133,19 +141,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pins = PinDir::for_current_netns(&args.bpffs)
         .context("reading this network namespace's cookie")?;
     let fresh_pins = !pins.exists();
+    let fresh_maps = !pins.maps_exist();
+    let mut rollback = Rollback {
+        pins: fresh_pins.then(|| pins.clone()),
+        maps: (fresh_maps && !fresh_pins).then(|| pins.clone()),
+        ..Rollback::default()
+    };
     // Creating (or opening) the maps proves the BPF privileges; nothing is attached.
     let ebpf = match loader::load(&pins, args.ebpf_object.as_deref()) {
         Ok(ebpf) => ebpf,
         Err(e) => {
-            if fresh_pins {
-                let _ = pins.remove();
-            }
+            rollback.run(&net).await;
             return Err(e.into());
         }
-    };
-    let mut rollback = Rollback {
-        pins: fresh_pins.then(|| pins.clone()),
-        ..Rollback::default()
     };
     let socket = match control::bind(&args.socket) {
         Ok(socket) => socket,

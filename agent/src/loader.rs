@@ -37,11 +37,18 @@ use aya::{
 use weft_common::maps::{JUMP_MAP, MAP_LAYOUT_VERSION, programs};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
+#[cfg(not(weft_no_ebpf))]
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
+/// None: this build found no eBPF object (see the build script).
+#[cfg(weft_no_ebpf)]
+static EBPF_OBJECT: &[u8] = &[];
 
 /// Why loading or attaching failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
+    /// The binary embeds no eBPF object (built by plain cargo on a fresh clone).
+    #[error("this binary was built without its eBPF programs: build with `cargo xtask build`")]
+    NotEmbedded,
     /// The kernel refused for lack of privilege.
     #[error(
         "permission denied loading eBPF programs: run weft as root \
@@ -173,6 +180,19 @@ impl PinDir {
         self.root.exists()
     }
 
+    /// Whether maps of the current layout are pinned here.
+    pub fn maps_exist(&self) -> bool {
+        self.maps().exists()
+    }
+
+    /// Unpins the maps of the current layout (absent is not an error).
+    pub fn remove_maps(&self) -> io::Result<()> {
+        match std::fs::remove_dir_all(self.maps()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Unpins everything: links first (their programs detach once nothing else
     /// holds them), then the maps. Absent is not an error.
     pub fn remove(&self) -> io::Result<()> {
@@ -232,6 +252,9 @@ fn netns_cookie() -> io::Result<u64> {
 /// `pins` (reusing the maps pinned there by an earlier run of the same layout,
 /// creating them otherwise). Programs are not loaded yet.
 pub fn load(pins: &PinDir, object: Option<&Path>) -> Result<Ebpf, LoaderError> {
+    if object.is_none() && EBPF_OBJECT.is_empty() {
+        return Err(LoaderError::NotEmbedded);
+    }
     let maps = pins.maps();
     for dir in [maps.clone(), pins.root.join("links")] {
         std::fs::create_dir_all(&dir).map_err(|source| {
@@ -259,6 +282,13 @@ pub fn load(pins: &PinDir, object: Option<&Path>) -> Result<Ebpf, LoaderError> {
         }
     })
 }
+
+/// Where the programs run: encapsulation on egress of weft's device, decapsulation
+/// on its ingress.
+const HOOKS: [(&str, TcAttachType); 2] = [
+    (programs::EGRESS, TcAttachType::Egress),
+    (programs::INGRESS, TcAttachType::Ingress),
+];
 
 /// Whether TC programs attach through TCX links (else netlink filters).
 pub fn uses_tcx() -> bool {
@@ -288,11 +318,7 @@ fn classifier<'a>(
 /// program atomically; otherwise a new link is attached and pinned, so the programs
 /// stay attached after this process exits. Maps of other layouts are then removed.
 pub fn attach(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32) -> Result<Attached, LoaderError> {
-    let hooks = [
-        (programs::EGRESS, TcAttachType::Egress),
-        (programs::INGRESS, TcAttachType::Ingress),
-    ];
-    for (name, _) in hooks {
+    for (name, _) in HOOKS {
         classifier(ebpf, name)?.load().map_err(|source| {
             if is_permission_error(&source) {
                 LoaderError::Permission
@@ -303,15 +329,35 @@ pub fn attach(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32) -> Result<Attached, 
     }
     set_jump_table(ebpf)?;
     let mut attached = Attached::default();
-    for (name, hook) in hooks {
+    let mut pinned_now = Vec::new();
+    if let Err(e) = attach_all(ebpf, pins, ifindex, &mut attached, &mut pinned_now) {
+        // Unpin what this call pinned: those links detach with their pins.
+        for path in pinned_now {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
+    pins.remove_other_layouts();
+    Ok(attached)
+}
+
+/// Attaches both programs (see [`attach`]), recording each link it pins anew.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    ifindex: u32,
+    attached: &mut Attached,
+    pinned_now: &mut Vec<PathBuf>,
+) -> Result<(), LoaderError> {
+    for (name, hook) in HOOKS {
         let prog = classifier(ebpf, name)?;
+        let attach_err = |source| LoaderError::Attach {
+            name,
+            iface: ifindex,
+            source,
+        };
         if !uses_tcx() {
             prepare_netlink(ifindex, hook, name)?;
-            let attach_err = |source| LoaderError::Attach {
-                name,
-                iface: ifindex,
-                source,
-            };
             let id = prog.attach(ifindex, hook).map_err(attach_err)?;
             let link = prog.take_link(id).map_err(attach_err)?;
             // The filter must outlive the process, and dropping its handle would
@@ -325,30 +371,16 @@ pub fn attach(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32) -> Result<Attached, 
             attached.replaced.push(name);
             continue;
         }
-        let id = prog
-            .attach(ifindex, hook)
-            .map_err(|source| LoaderError::Attach {
-                name,
-                iface: ifindex,
-                source,
-            })?;
-        let link = prog.take_link(id).map_err(|source| LoaderError::Attach {
-            name,
-            iface: ifindex,
-            source,
-        })?;
-        let fd_link = FdLink::try_from(link).map_err(|e| LoaderError::Attach {
-            name,
-            iface: ifindex,
-            source: ProgramError::from(e),
-        })?;
+        let id = prog.attach(ifindex, hook).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| attach_err(ProgramError::from(e)))?;
         // The pin holds the link; this process's fd closes when `_pinned` drops.
         let _pinned = fd_link
             .pin(&path)
             .map_err(|source| LoaderError::Pin { name, source })?;
+        pinned_now.push(path);
     }
-    pins.remove_other_layouts();
-    Ok(attached)
+    Ok(())
 }
 
 /// Swaps `prog` into the link pinned at `path`, if there is a live one. A pin of a

@@ -8,8 +8,9 @@
 //! address = "192.168.48.11"    # underlay IPv4 address
 //! ```
 //!
-//! [`PeersFile::parse`] checks every entry (fields, syntax, ranges, duplicates) and
-//! reports the first problem naming the entry (`peer 2 ("host2")`) and the field.
+//! [`PeersFile::parse`] checks every entry (fields and their types through serde,
+//! then syntax, ranges, duplicates) and reports the first problem naming the entry
+//! (`peer 2 ("host2")`) and the field.
 //! [`PeersFile::split`] then picks out the local entry by its `--name`.
 
 use std::{
@@ -22,6 +23,7 @@ use std::{
 };
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_path_to_error::Segment;
 use thiserror::Error;
 use weft_common::wire::{MAX_SHORT_ID, ShortId};
 
@@ -149,41 +151,20 @@ pub enum PeersError {
     /// No `[[peer]]` entries at all.
     #[error("no [[peer]] entries (list every host of the mesh, this one included)")]
     NoPeers,
-    /// An entry lacks a required field.
-    #[error("{entry}: missing field `{field}`")]
-    MissingField {
+    /// An entry lacks a field, has one weft does not know (a typo, most likely), or
+    /// has one of the wrong type or syntax (as serde reports it).
+    #[error("{entry}: {problem}")]
+    Entry {
         /// Which entry, e.g. `peer 2 ("host2")`.
         entry: String,
-        /// The missing field.
-        field: &'static str,
+        /// What is wrong, naming the field.
+        problem: String,
     },
-    /// An entry has a field weft does not know (a typo, most likely).
-    #[error("{entry}: unknown field `{field}` (expected name, nickname, short_id, address)")]
-    UnknownField {
+    /// `name` is all zeros.
+    #[error("{entry}: name 00:00:00:00:00:00 is reserved (it means \"unknown peer\")")]
+    ReservedName {
         /// Which entry.
         entry: String,
-        /// The unexpected field.
-        field: String,
-    },
-    /// A field has the wrong TOML type.
-    #[error("{entry}: {field} must be {expected}, not {found}")]
-    WrongType {
-        /// Which entry.
-        entry: String,
-        /// The field.
-        field: &'static str,
-        /// The expected TOML type.
-        expected: &'static str,
-        /// The TOML type found.
-        found: &'static str,
-    },
-    /// `name` is not a peer name, or is all zeros.
-    #[error("{entry}: name {reason}")]
-    BadName {
-        /// Which entry.
-        entry: String,
-        /// What is wrong with it.
-        reason: String,
     },
     /// `nickname` is empty, too long, or holds whitespace or control characters.
     #[error("{entry}: nickname {reason}")]
@@ -236,7 +217,8 @@ pub enum PeersError {
     },
 }
 
-/// The top level of the file: only `[[peer]]` entries are allowed.
+/// The top level of the file: only `[[peer]]` entries are allowed. Entries stay
+/// tables here, so one that fails to deserialize can still be named by its nickname.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
@@ -244,7 +226,17 @@ struct RawFile {
     peer: Vec<toml::Table>,
 }
 
-const FIELDS: [&str; 4] = ["name", "nickname", "short_id", "address"];
+/// One `[[peer]]` entry as written; [`parse_entry`] checks the values.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: PeerName,
+    nickname: String,
+    /// Wider than [`ShortId`] so that an out-of-range value gets its own message.
+    short_id: i64,
+    /// A string, so that a bad one can be quoted in the message.
+    address: String,
+}
 
 impl PeersFile {
     /// Parses and validates the text of a peers file.
@@ -255,7 +247,7 @@ impl PeersFile {
             return Err(PeersError::NoPeers);
         }
         let mut peers = Vec::with_capacity(raw.peer.len());
-        for (i, table) in raw.peer.iter().enumerate() {
+        for (i, table) in raw.peer.into_iter().enumerate() {
             peers.push(parse_entry(i + 1, table)?);
         }
         check_unique(&peers)?;
@@ -319,46 +311,32 @@ fn label_of(index: usize, peer: &Peer) -> String {
     format!("peer {index} ({:?})", peer.nickname)
 }
 
-fn parse_entry(index: usize, table: &toml::Table) -> Result<Peer, PeersError> {
-    let entry = entry_label(index, table);
-    if let Some(field) = table.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(PeersError::UnknownField {
-            entry,
-            field: field.clone(),
-        });
-    }
-    let field = |name: &'static str| {
-        table.get(name).ok_or_else(|| PeersError::MissingField {
+fn parse_entry(index: usize, table: toml::Table) -> Result<Peer, PeersError> {
+    let entry = entry_label(index, &table);
+    let RawPeer {
+        name,
+        nickname,
+        short_id,
+        address,
+    } = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        // The path ends in the field whose key or value was the problem; messages
+        // about missing and unknown fields name the field themselves.
+        let message = e.inner().message();
+        let problem = match e.path().iter().next_back() {
+            Some(Segment::Map { key }) if !message.contains(&format!("`{key}`")) => {
+                format!("{key}: {message}")
+            }
+            _ => message.to_owned(),
+        };
+        PeersError::Entry {
             entry: entry.clone(),
-            field: name,
-        })
-    };
-    let string = |name: &'static str| -> Result<&str, PeersError> {
-        let value = field(name)?;
-        value.as_str().ok_or_else(|| PeersError::WrongType {
-            entry: entry.clone(),
-            field: name,
-            expected: "a string",
-            found: value.type_str(),
-        })
-    };
-
-    let name_text = string("name")?;
-    let name: PeerName = name_text.parse().map_err(|_| PeersError::BadName {
-        entry: entry.clone(),
-        reason: format!(
-            "{name_text:?} is not a peer name (expected six hex octets separated by ':', \
-             like aa:00:00:00:00:01)"
-        ),
+            problem,
+        }
     })?;
     if name.0 == [0; 6] {
-        return Err(PeersError::BadName {
-            entry,
-            reason: "00:00:00:00:00:00 is reserved (it means \"unknown peer\")".to_owned(),
-        });
+        return Err(PeersError::ReservedName { entry });
     }
 
-    let nickname = string("nickname")?;
     let nick_err = |reason: String| PeersError::BadNickname {
         entry: entry.clone(),
         reason,
@@ -380,15 +358,6 @@ fn parse_entry(index: usize, table: &toml::Table) -> Result<Peer, PeersError> {
         )));
     }
 
-    let short_id_value = field("short_id")?;
-    let short_id = short_id_value
-        .as_integer()
-        .ok_or_else(|| PeersError::WrongType {
-            entry: entry.clone(),
-            field: "short_id",
-            expected: "an integer",
-            found: short_id_value.type_str(),
-        })?;
     let short_id = ShortId::try_from(short_id)
         .ok()
         .filter(|id| *id <= MAX_SHORT_ID)
@@ -397,13 +366,12 @@ fn parse_entry(index: usize, table: &toml::Table) -> Result<Peer, PeersError> {
             value: short_id,
         })?;
 
-    let address_text = string("address")?;
     let bad_address = |reason| PeersError::BadAddress {
         entry: entry.clone(),
-        value: address_text.to_owned(),
+        value: address.clone(),
         reason,
     };
-    let address: Ipv4Addr = address_text
+    let address: Ipv4Addr = address
         .parse()
         .map_err(|_| bad_address("is not an IPv4 address (like 192.168.48.11)"))?;
     if address.is_unspecified() || address.is_broadcast() || address.is_multicast() {
@@ -412,7 +380,7 @@ fn parse_entry(index: usize, table: &toml::Table) -> Result<Peer, PeersError> {
 
     Ok(Peer {
         name,
-        nickname: nickname.to_owned(),
+        nickname,
         short_id,
         address,
     })
@@ -628,7 +596,7 @@ address = "192.168.48.13"
 
     #[test]
     fn missing_fields() {
-        for field in FIELDS {
+        for field in ["name", "nickname", "short_id", "address"] {
             let text = entry("aa:00:00:00:00:01", "host1", "1", "10.0.0.1")
                 .lines()
                 .filter(|l| !l.starts_with(field))
@@ -648,7 +616,8 @@ address = "192.168.48.13"
         let text = entry("aa:00:00:00:00:01", "host1", "1", "10.0.0.1") + "adress = \"10.0.0.9\"\n";
         assert_eq!(
             err(&text),
-            "peer 1 (\"host1\"): unknown field `adress` (expected name, nickname, short_id, address)"
+            "peer 1 (\"host1\"): unknown field `adress`, expected one of `name`, `nickname`, \
+             `short_id`, `address`"
         );
     }
 
@@ -657,22 +626,31 @@ address = "192.168.48.13"
         let text = two_with_second("aa:00:00:00:00:02", "host2", "\"2\"", "10.0.0.2");
         assert_eq!(
             err(&text),
-            "peer 2 (\"host2\"): short_id must be an integer, not string"
+            "peer 2 (\"host2\"): short_id: invalid type: string \"2\", expected i64"
         );
         let text = "[[peer]]\nname = 1\nnickname = \"h\"\nshort_id = 1\naddress = \"10.0.0.1\"\n";
         assert_eq!(
             err(text),
-            "peer 1 (\"h\"): name must be a string, not integer"
+            "peer 1 (\"h\"): name: invalid type: integer `1`, expected a string"
         );
         let text = "[[peer]]\nname = \"aa:00:00:00:00:01\"\nnickname = 5\nshort_id = 1\naddress = \"10.0.0.1\"\n";
-        assert_eq!(err(text), "peer 1: nickname must be a string, not integer");
+        assert_eq!(
+            err(text),
+            "peer 1: nickname: invalid type: integer `5`, expected a string"
+        );
+        let text = two_with_second("aa:00:00:00:00:02", "host2", "2", "10.0.0.2")
+            .replace("address = \"10.0.0.2\"", "address = [10, 0, 0, 2]");
+        assert_eq!(
+            err(&text),
+            "peer 2 (\"host2\"): address: invalid type: sequence, expected a string"
+        );
     }
 
     #[test]
     fn bad_name() {
         assert_eq!(
             err(&two_with_second("aa:00:00:00:02", "host2", "2", "10.0.0.2")),
-            "peer 2 (\"host2\"): name \"aa:00:00:00:02\" is not a peer name \
+            "peer 2 (\"host2\"): name: \"aa:00:00:00:02\" is not a peer name \
              (expected six hex octets separated by ':', like aa:00:00:00:00:01)"
         );
         assert_eq!(

@@ -1,36 +1,15 @@
-//! What BPF programs are attached to a device by TCX (Linux 6.6+).
+//! What BPF programs are attached to a device by TCX (Linux 6.6+), and whether a
+//! program is still loaded, through aya's own queries.
 //!
-//! `bpftool net show` before v7.3 does not list TCX attachments, so this asks the
-//! kernel directly (`BPF_PROG_QUERY` with `BPF_TCX_INGRESS` / `BPF_TCX_EGRESS`) from a
-//! thread inside the device's namespace, and names the programs with `bpftool`.
+//! `bpftool net show` before v7.3 does not list TCX attachments; aya's
+//! [`SchedClassifier::query_tcx`] asks the kernel directly (`BPF_PROG_QUERY`). It
+//! resolves the device name in the calling thread's network namespace, so the query
+//! runs on a thread inside the device's namespace.
 
 use std::ffi::CString;
 
-use anyhow::{Context, Result, bail};
-
-use crate::cmd::run_args;
-
-const BPF_PROG_QUERY: libc::c_long = 16;
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_TCX_EGRESS: u32 = 47;
-const MAX_PROGS: usize = 64;
-
-/// The `query` member of `union bpf_attr` (64 bytes, 8-aligned).
-#[repr(C, align(8))]
-#[derive(Default)]
-struct QueryAttr {
-    target_ifindex: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    pad: u32,
-    prog_attach_flags: u64,
-    link_ids: u64,
-    link_attach_flags: u64,
-    revision: u64,
-}
+use anyhow::{Context, Result};
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType, loaded_programs};
 
 /// A program attached by TCX.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,75 +18,61 @@ pub struct TcxProg {
     pub direction: &'static str,
     /// Kernel program id.
     pub id: u32,
-    /// Program name (as `bpftool prog show` gives it; empty if it has vanished).
+    /// Program name as the kernel keeps it (at most 15 bytes).
     pub name: String,
 }
 
 /// Lists the programs attached by TCX to `dev` in namespace `ns`, both directions.
 pub fn tcx_programs(ns: &str, dev: &str) -> Result<Vec<TcxProg>> {
-    let dev_s = dev.to_string();
-    let ids = crate::netns::join(
-        crate::netns::spawn_in(ns, move || query_all(&dev_s)),
+    let name = CString::new(dev).context("device name")?;
+    crate::netns::join(
+        crate::netns::spawn_in(ns, move || {
+            let mut out = Vec::new();
+            for (direction, hook) in [
+                ("ingress", TcAttachType::Ingress),
+                ("egress", TcAttachType::Egress),
+            ] {
+                let (_revision, infos) = SchedClassifier::query_tcx(name.as_c_str(), hook)
+                    .with_context(|| format!("TCX {direction} query"))?;
+                out.extend(infos.into_iter().map(|info| TcxProg {
+                    direction,
+                    id: info.id(),
+                    name: info.name_as_str().unwrap_or_default().to_owned(),
+                }));
+            }
+            Ok(out)
+        }),
         "tcx query",
     )
-    .with_context(|| format!("querying TCX programs of {dev} in {ns}"))?;
-    Ok(ids
-        .into_iter()
-        .map(|(direction, id)| TcxProg {
-            direction,
-            id,
-            name: prog_name(id).unwrap_or_default(),
-        })
-        .collect())
+    .with_context(|| format!("querying TCX programs of {dev} in {ns}"))
 }
 
 /// Whether a BPF program with `id` is still loaded.
-pub fn prog_exists(id: u32) -> bool {
-    prog_name(id).is_ok()
-}
-
-fn prog_name(id: u32) -> Result<String> {
-    let out = run_args("bpftool", &["-j", "prog", "show", "id", &id.to_string()])?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("bpftool JSON")?;
-    Ok(v["name"].as_str().unwrap_or_default().to_string())
-}
-
-fn query_all(dev: &str) -> Result<Vec<(&'static str, u32)>> {
-    let name = CString::new(dev).context("device name")?;
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no device {dev}: {}", std::io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    for (direction, attach_type) in [("ingress", BPF_TCX_INGRESS), ("egress", BPF_TCX_EGRESS)] {
-        let mut ids = [0u32; MAX_PROGS];
-        let mut attr = QueryAttr {
-            target_ifindex: ifindex,
-            attach_type,
-            prog_ids: ids.as_mut_ptr() as u64,
-            prog_cnt: MAX_PROGS as u32,
-            ..QueryAttr::default()
-        };
-        // SAFETY: `attr` is a properly laid out, 8-aligned `bpf_attr` prefix of the size
-        // passed; the kernel writes at most `prog_cnt` ids into `ids`, which outlives
-        // the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_QUERY,
-                &mut attr as *mut QueryAttr,
-                size_of::<QueryAttr>() as libc::c_uint,
-            )
-        };
-        if r != 0 {
-            bail!(
-                "BPF_PROG_QUERY ({direction}) on {dev}: {}",
-                std::io::Error::last_os_error()
-            );
+pub fn prog_exists(id: u32) -> Result<bool> {
+    for info in loaded_programs() {
+        match info {
+            Ok(info) if info.id() == id => return Ok(true),
+            Ok(_) => {}
+            // A program freed between being listed and being opened.
+            Err(ProgramError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("listing the loaded BPF programs"),
         }
-        let n = (attr.prog_cnt as usize).min(MAX_PROGS);
-        out.extend(ids[..n].iter().map(|&id| (direction, id)));
     }
-    Ok(out)
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs no privilege: listing programs as non-root fails, which must not read
+    /// as "not loaded".
+    #[test]
+    fn id_zero_is_never_a_program() {
+        match prog_exists(0) {
+            Ok(exists) => assert!(!exists),
+            Err(e) => assert!(!crate::is_root(), "as root: {e:#}"),
+        }
+    }
 }

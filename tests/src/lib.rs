@@ -5,7 +5,8 @@
 //!   (layout in [`testbed`]); kernel-VXLAN hosts laid out like Weave's fast datapath.
 //! - Agent control on [`Testbed`]: [`Testbed::start_agent`], [`Testbed::stop_agent`],
 //!   [`Testbed::kill9_agent`], [`Testbed::sighup_agent`], [`Testbed::status_json`].
-//! - Traffic: [`pod_exec`], [`ping`], [`wait_ping`], [`tcp_transfer`], [`capture_vxlan`].
+//! - Traffic: [`pod_exec`], [`ping`], [`ping_unanswered`], [`wait_ping`],
+//!   [`tcp_transfer`], [`capture_vxlan`].
 //! - Hygiene: [`cleanup_stale`] removes leftovers of crashed runs;
 //!   [`install_interrupt_handler`] lets a driver tear down on Ctrl-C.
 //!
@@ -34,6 +35,6 @@ pub use peers::{peers_toml, write_peers_file};
 pub use signal::{install_interrupt_handler, interrupted};
 pub use testbed::{Host, Pod, Testbed, cleanup_stale, is_root, serial};
 pub use traffic::{
-    PingReport, Transfer, capture_vxlan, links_with_prefix, ns_exec, ping, ping_stream, pod_exec,
-    pod_mac, tcp_transfer, wait_ping,
+    PingReport, Transfer, capture_vxlan, links_with_prefix, ns_exec, ping, ping_stream,
+    ping_unanswered, pod_exec, pod_mac, tcp_transfer, wait_ping,
 };

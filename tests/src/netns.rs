@@ -31,6 +31,34 @@ fn enter(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// The cookie of network namespace `ns` (`SO_NETNS_COOKIE`), which names an agent's
+/// pin directory (`<bpffs>/weft/netns-<cookie>`).
+pub fn cookie(ns: &str) -> Result<u64> {
+    join(
+        spawn_in(ns, || {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("a UDP socket")?;
+            let mut cookie: u64 = 0;
+            let mut len = size_of::<u64>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` (8) bytes into `cookie`, a live
+            // u64; the socket stays open for the call.
+            let rc = unsafe {
+                libc::getsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NETNS_COOKIE,
+                    (&raw mut cookie).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                bail!("SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+            }
+            Ok(cookie)
+        }),
+        "netns cookie",
+    )
+}
+
 /// Joins a thread from [`spawn_in`], turning a panic into an error.
 pub fn join<T>(h: JoinHandle<Result<T>>, what: &str) -> Result<T> {
     match h.join() {

@@ -1,10 +1,5 @@
-//! A reader for the classic pcap file format (what `tcpdump -w` writes), and packet
-//! capture on a testbed host.
-//!
-//! Format: a 24-byte global header (magic, version, zone, sigfigs, snaplen, link
-//! type), then per packet a 16-byte record header (seconds, sub-seconds, captured
-//! length, original length) followed by the captured bytes. The magic's byte order
-//! tells the file's byte order.
+//! Packet capture on a testbed host: `tcpdump -w` into a file, read back with
+//! pcap-file.
 
 use std::{
     fs::File,
@@ -14,77 +9,37 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use pcap_file::{DataLink, PcapError, pcap::PcapParser};
 
 use crate::cmd::{POLL, command_line, describe_status, kill_group, signal_group, wait_bounded};
 
-/// Link type of Ethernet captures.
-pub const LINKTYPE_ETHERNET: u32 = 1;
+/// One captured packet (timestamp, length on the wire, captured bytes starting with
+/// the Ethernet header), owning its bytes.
+pub type Packet = pcap_file::pcap::PcapPacket<'static>;
 
-/// One captured packet.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Packet {
-    /// Capture time since the Unix epoch.
-    pub timestamp: Duration,
-    /// Length of the packet on the wire (may exceed `data.len()` if truncated).
-    pub orig_len: u32,
-    /// The captured bytes, starting with the link-layer header.
-    pub data: Vec<u8>,
-}
-
-/// Parses a pcap file's bytes. Fails on a bad magic, a link type other than Ethernet,
-/// or a record running past the end (except a final record cut short, which a capture
-/// killed mid-write can leave and which is dropped).
+/// Parses the bytes of a classic pcap file (what `tcpdump -w` writes, either byte
+/// order and timestamp precision). Fails on a bad header, a link type other than
+/// Ethernet, or a malformed record; a final record cut short, which a capture killed
+/// mid-write can leave, is dropped.
 pub fn parse(bytes: &[u8]) -> Result<Vec<Packet>> {
+    let (mut rest, parser) = PcapParser::new(bytes).context("not a pcap file")?;
+    let link = parser.header().datalink;
     ensure!(
-        bytes.len() >= 24,
-        "pcap file too short for its header ({} bytes)",
-        bytes.len()
+        link == DataLink::ETHERNET,
+        "pcap link type {link:?}, expected Ethernet"
     );
-    let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
-    let (le, nanos) = match magic {
-        [0xd4, 0xc3, 0xb2, 0xa1] => (true, false),
-        [0xa1, 0xb2, 0xc3, 0xd4] => (false, false),
-        [0x4d, 0x3c, 0xb2, 0xa1] => (true, true),
-        [0xa1, 0xb2, 0x3c, 0x4d] => (false, true),
-        _ => bail!("not a pcap file: magic {magic:02x?}"),
-    };
-    let u32_at = |off: usize| {
-        let b = [bytes[off], bytes[off + 1], bytes[off + 2], bytes[off + 3]];
-        if le {
-            u32::from_le_bytes(b)
-        } else {
-            u32::from_be_bytes(b)
+    let mut packets = Vec::new();
+    while !rest.is_empty() {
+        match parser.next_packet(rest) {
+            Ok((next, packet)) => {
+                packets.push(packet.into_owned());
+                rest = next;
+            }
+            Err(PcapError::IncompleteBuffer) => break,
+            Err(e) => return Err(e).with_context(|| format!("pcap record {}", packets.len() + 1)),
         }
-    };
-    let link = u32_at(20);
-    ensure!(
-        link == LINKTYPE_ETHERNET,
-        "pcap link type {link}, expected Ethernet (1)"
-    );
-    let mut out = Vec::new();
-    let mut off = 24;
-    while off + 16 <= bytes.len() {
-        let secs = u32_at(off);
-        let frac = u32_at(off + 4);
-        let incl = u32_at(off + 8) as usize;
-        let orig = u32_at(off + 12);
-        let start = off + 16;
-        if start + incl > bytes.len() {
-            break;
-        }
-        let sub = if nanos {
-            frac
-        } else {
-            frac.saturating_mul(1000)
-        };
-        out.push(Packet {
-            timestamp: Duration::new(u64::from(secs), sub),
-            orig_len: orig,
-            data: bytes[start..start + incl].to_vec(),
-        });
-        off = start + incl;
     }
-    Ok(out)
+    Ok(packets)
 }
 
 /// A running `tcpdump` writing to a file; [`Capture::finish`] stops it and returns the
@@ -209,54 +164,69 @@ pub fn capture_while(
 
 #[cfg(test)]
 mod tests {
+    use pcap_file::{
+        Endianness, TsResolution,
+        pcap::{PcapHeader, PcapPacket, PcapWriter},
+    };
+
     use super::*;
 
-    fn file(le: bool, nanos: bool, recs: &[(&[u8], u32)]) -> Vec<u8> {
-        let w32 = |v: u32| if le { v.to_le_bytes() } else { v.to_be_bytes() };
-        let w16 = |v: u16| if le { v.to_le_bytes() } else { v.to_be_bytes() };
-        let mut b = Vec::new();
-        b.extend(w32(if nanos { 0xa1b2_3c4d } else { 0xa1b2_c3d4 }));
-        b.extend(w16(2));
-        b.extend(w16(4));
-        b.extend(w32(0));
-        b.extend(w32(0));
-        b.extend(w32(65535));
-        b.extend(w32(1));
-        for (i, (data, orig)) in recs.iter().enumerate() {
-            b.extend(w32(100 + i as u32));
-            b.extend(w32(7));
-            b.extend(w32(data.len() as u32));
-            b.extend(w32(*orig));
-            b.extend(*data);
+    /// A pcap file holding `records` (captured bytes, length on the wire), stamped
+    /// 100 s + 7 us, 101 s + 7 us, ...
+    fn file(header: PcapHeader, records: &[(&[u8], u32)]) -> Vec<u8> {
+        let mut writer = PcapWriter::with_header(Vec::new(), header).unwrap();
+        for (i, (data, orig_len)) in (0u64..).zip(records) {
+            let ts = Duration::new(100 + i, 7_000);
+            writer
+                .write_packet(&PcapPacket::new(ts, *orig_len, data))
+                .unwrap();
         }
-        b
+        writer.into_writer()
     }
 
     #[test]
     fn parses_both_byte_orders_and_precisions() {
-        for (le, nanos) in [(true, false), (false, false), (true, true), (false, true)] {
-            let f = file(le, nanos, &[(&[1, 2, 3], 3), (&[4; 10], 60)]);
-            let p = parse(&f).unwrap();
-            assert_eq!(p.len(), 2);
-            assert_eq!(p[0].data, vec![1, 2, 3]);
-            assert_eq!(p[1].data, vec![4; 10]);
-            assert_eq!(p[1].orig_len, 60);
-            assert_eq!(
-                p[0].timestamp,
-                Duration::new(100, if nanos { 7 } else { 7000 })
-            );
+        for endianness in [Endianness::Little, Endianness::Big] {
+            for ts_resolution in [TsResolution::MicroSecond, TsResolution::NanoSecond] {
+                let header = PcapHeader {
+                    endianness,
+                    ts_resolution,
+                    ..PcapHeader::default()
+                };
+                let f = file(header, &[(&[1, 2, 3], 3), (&[4; 10], 60)]);
+                let p = parse(&f).unwrap();
+                assert_eq!(p.len(), 2);
+                assert_eq!(*p[0].data, [1, 2, 3]);
+                assert_eq!(*p[1].data, [4; 10]);
+                assert_eq!(p[1].orig_len, 60);
+                assert_eq!(p[0].timestamp, Duration::new(100, 7_000));
+                assert_eq!(p[1].timestamp, Duration::new(101, 7_000));
+            }
         }
     }
 
     #[test]
     fn drops_a_cut_final_record_and_rejects_garbage() {
-        let mut f = file(true, false, &[(&[1, 2, 3], 3), (&[9; 8], 8)]);
+        let mut f = file(PcapHeader::default(), &[(&[1, 2, 3], 3), (&[9; 8], 8)]);
         f.truncate(f.len() - 2);
-        assert_eq!(parse(&f).unwrap().len(), 1);
+        let p = parse(&f).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(*p[0].data, [1, 2, 3]);
         assert!(parse(&[0u8; 24]).is_err());
         assert!(parse(&[0xd4, 0xc3]).is_err());
-        let mut raw_ip = file(true, false, &[]);
-        raw_ip[20] = 101;
-        assert!(format!("{:#}", parse(&raw_ip).unwrap_err()).contains("link type 101"));
+        let raw_ip = file(
+            PcapHeader {
+                datalink: DataLink::RAW,
+                ..PcapHeader::default()
+            },
+            &[],
+        );
+        let e = format!("{:#}", parse(&raw_ip).unwrap_err());
+        assert!(e.contains("link type RAW"), "{e}");
+    }
+
+    #[test]
+    fn empty_capture_has_no_packets() {
+        assert!(parse(&file(PcapHeader::default(), &[])).unwrap().is_empty());
     }
 }

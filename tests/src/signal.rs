@@ -2,31 +2,28 @@
 //! whoever drives a testbed (the demo, a benchmark) can stop and tear it down.
 //!
 //! Every bounded wait in this crate checks [`interrupted`] and gives up early with an
-//! error, which unwinds to the [`Testbed`](crate::Testbed)'s `Drop`.
+//! error, which unwinds to the [`Testbed`](crate::Testbed)'s `Drop`. The testbed is
+//! synchronous (no async runtime to run tokio's signal streams), so signal-hook's
+//! flag registration does the async-signal-safe part.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{
+    Arc, LazyLock,
+    atomic::{AtomicBool, Ordering},
+};
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+use anyhow::Context;
+use signal_hook::consts::{SIGINT, SIGTERM};
 
-extern "C" fn on_signal(_sig: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
+static INTERRUPTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 /// Installs handlers for SIGINT and SIGTERM that only record the signal (see
-/// [`interrupted`]). Children started by the testbed run in their own process groups,
-/// so a terminal's Ctrl-C reaches only this process.
+/// [`interrupted`]); the default action (terminating) no longer happens. Children
+/// started by the testbed run in their own process groups, so a terminal's Ctrl-C
+/// reaches only this process.
 pub fn install_interrupt_handler() -> anyhow::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let prev = unsafe { libc::signal(sig, handler) };
-        if prev == libc::SIG_ERR {
-            anyhow::bail!(
-                "cannot install a handler for signal {sig}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&INTERRUPTED))
+            .with_context(|| format!("cannot install a handler for signal {sig}"))?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::Path,
+    process::ExitStatus,
     time::{Duration, Instant},
 };
 
@@ -83,31 +84,69 @@ impl PingReport {
 /// Pings `to` from `from` `count` times (0.2 s apart, each reply awaited up to 2 s).
 /// Ok only if at least one reply came; the report says how many.
 pub fn ping(from: &Pod, to: Ipv4Addr, count: u32) -> Result<PingReport> {
+    // `-w`: stop at the deadline even if replies are missing.
+    let deadline = (count / 5 + 3).to_string();
+    let run = run_ping(from, to, count, &["-w", &deadline])?;
+    if run.report.received == 0 {
+        bail!(
+            "expected replies, got none of {}; {run}",
+            run.report.transmitted
+        );
+    }
+    Ok(run.report)
+}
+
+/// Pings `to` from `from` `count` times (0.2 s apart, the last awaited up to 2 s),
+/// expecting no answer: Ok only if ping ran, sent all `count` probes and received no
+/// reply (iputils then exits with 1; 2 means it could not ping at all).
+pub fn ping_unanswered(from: &Pod, to: Ipv4Addr, count: u32) -> Result<PingReport> {
+    let run = run_ping(from, to, count, &[])?;
+    let r = &run.report;
+    ensure!(
+        r.transmitted == count && r.received == 0 && run.status.code() == Some(1),
+        "expected {count} probes sent and none answered; {run}"
+    );
+    Ok(run.report)
+}
+
+/// One run of iputils `ping`: what it reported and how it ended.
+struct PingRun {
+    report: PingReport,
+    status: ExitStatus,
+    /// Names the pods, the command line, its exit and its output, for messages.
+    context: String,
+}
+
+impl std::fmt::Display for PingRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.context)
+    }
+}
+
+/// Runs `ping -n -c <count> -i 0.2 -W 2 <extra> <to>` in `from`'s namespace.
+fn run_ping(from: &Pod, to: Ipv4Addr, count: u32, extra: &[&str]) -> Result<PingRun> {
     ensure!(count > 0, "ping count must be positive");
     let count_s = count.to_string();
-    let deadline = (count / 5 + 3).to_string();
     let to_s = to.to_string();
     let mut cmd = ns_command(&from.ns, "ping");
-    cmd.args([
-        "-n", "-c", &count_s, "-i", "0.2", "-W", "2", "-w", &deadline, &to_s,
-    ]);
+    cmd.args(["-n", "-c", &count_s, "-i", "0.2", "-W", "2"])
+        .args(extra)
+        .arg(&to_s);
     let line = command_line(&cmd);
     let out = output(&mut cmd, Duration::from_secs(u64::from(count / 5 + 10)))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let report = PingReport::parse(&text);
-    if report.received == 0 {
-        bail!(
-            "ping from pod {} ({}) to {to}: expected replies, got none of {} ({}); `{line}` \
-             printed: {} {}",
+    Ok(PingRun {
+        report: PingReport::parse(&text),
+        status: out.status,
+        context: format!(
+            "ping from pod {} ({}) to {to}: `{line}` {}, printed: {} {}",
             from.label(),
             from.addr,
-            report.transmitted,
             describe_status(&out.status),
             text.trim(),
             String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(report)
+        ),
+    })
 }
 
 /// Pings `to` from `from` `count` times `interval` apart (root may go below 0.2 s),

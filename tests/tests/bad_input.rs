@@ -7,7 +7,8 @@ mod common;
 use std::{path::Path, time::Duration};
 
 use common::{Bed, Must, agent_bin, bed};
-use weft_testbed::links_with_prefix;
+use weft_common::maps::programs;
+use weft_testbed::{links_with_prefix, ns_exec};
 
 /// Runs the agent on host 1 with `args`, expecting a clean failure whose output
 /// mentions (case-insensitively) at least one of each group in `mentions`.
@@ -43,7 +44,7 @@ fn assert_nothing_left(tb: &Bed, case: &str) {
     let ns = &tb.host(1).must("host").ns;
     let left = links_with_prefix(ns, "weft-").must("ip link");
     assert!(left.is_empty(), "{case}: devices left behind: {left:?}");
-    let bridge = weft_testbed::ns_exec(ns, &["ip", "link", "show", "weave"]).must("ip link");
+    let bridge = ns_exec(ns, &["ip", "link", "show", "weave"]).must("ip link");
     assert!(
         !bridge.contains("alias weft"),
         "{case}: the testbed's bridge was marked as weft's:\n{bridge}"
@@ -66,7 +67,7 @@ fn pin_dirs(tb: &Bed) -> usize {
 
 /// Adds a VXLAN device weft did not create to namespace `ns`.
 fn add_foreign_vxlan(ns: &str, name: &str, id: &str, port: &str) {
-    weft_testbed::ns_exec(
+    ns_exec(
         ns,
         &[
             "ip",
@@ -95,7 +96,7 @@ fn vxlan_port_in_use_fails_after_setup_began_and_rolls_back() {
     tb.write_peers(1, &[1, 2]).must("peers");
     let ns = tb.host(1).must("host").ns.clone();
     add_foreign_vxlan(&ns, "other0", "7", "6784");
-    weft_testbed::ns_exec(&ns, &["ip", "link", "set", "other0", "up"]).must("up");
+    ns_exec(&ns, &["ip", "link", "set", "other0", "up"]).must("up");
     expect_failure(
         &tb,
         &bin,
@@ -133,7 +134,7 @@ fn foreign_device_of_weft_name_is_left_alone() {
         "names the problem:\n{}",
         exit.output
     );
-    let link = weft_testbed::ns_exec(&ns, &["ip", "-d", "link", "show", "weft-vxlan"])
+    let link = ns_exec(&ns, &["ip", "-d", "link", "show", "weft-vxlan"])
         .must("the foreign device still exists");
     assert!(link.contains("id 9"), "untouched:\n{link}");
     assert_eq!(pin_dirs(&tb), 0, "pins rolled back");
@@ -144,6 +145,23 @@ fn with_arg(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
     let i = args.iter().position(|a| a == flag).expect("flag present");
     args[i + 1] = value.to_string();
     args
+}
+
+/// Host 1's agent arguments plus `flag value`.
+fn args_plus(tb: &Bed, flag: &str, value: &str) -> Vec<String> {
+    let mut args = tb.agent_args(1).must("args");
+    args.extend([flag.to_owned(), value.to_owned()]);
+    args
+}
+
+/// [`expect_failure`] on a fresh two-host testbed whose host 1 runs the agent with
+/// its usual arguments plus `flag value`; returns the testbed for further checks.
+fn expect_failure_plus(flag: &str, value: &str, case: &str, mentions: &[&[&str]]) -> Bed {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    expect_failure(&tb, &bin, args_plus(&tb, flag, value), case, mentions);
+    tb
 }
 
 fn peers(entries: &[(&str, &str, &str, &str)]) -> String {
@@ -322,4 +340,105 @@ fn no_bpf_privileges() {
         &[&["permission denied"], &["root", "cap_bpf"]],
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn underlay_mtu_too_small() {
+    // 1451 + 50 bytes of encapsulation do not fit the underlay's 1500.
+    expect_failure_plus(
+        "--mtu",
+        "1451",
+        "underlay MTU too small",
+        &[&["--mtu 1451"], &["at least 1501"], &["eth0 has 1500"]],
+    );
+}
+
+/// Fails after the eBPF object is loaded and the control socket bound, before any
+/// device is created.
+#[test]
+fn bridge_name_taken_by_another_device() {
+    let tb = expect_failure_plus(
+        "--bridge",
+        "eth0",
+        "bridge name taken",
+        &[&["eth0"], &["not a bridge"]],
+    );
+    let ns = &tb.host(1).must("host").ns;
+    let eth0 = ns_exec(ns, &["ip", "-o", "link", "show", "eth0"]).must("eth0 still there");
+    assert!(eth0.contains("state UP"), "eth0 left as it was:\n{eth0}");
+}
+
+/// The latest failure there is: pinning the second program's link, after the agent
+/// created its VXLAN device, filled its (new) maps, attached the first program and
+/// pinned its link. A directory already stands where the decapsulation link's pin
+/// goes (in a pin directory that exists, so the agent did not create it). Everything
+/// the run made goes again; the directory that was there stays.
+#[test]
+fn failure_pinning_the_last_link_rolls_everything_back() {
+    let bin = agent_bin();
+    let tb = bed(2, 0);
+    tb.write_peers(1, &[1, 2]).must("peers");
+    let ns = tb.host(1).must("host").ns.clone();
+    let cookie = weft_testbed::netns::cookie(&ns).must("netns cookie");
+    let root = tb.bpffs_dir().join("weft").join(format!("netns-{cookie}"));
+    let blocker = root.join("links").join(programs::INGRESS);
+    std::fs::create_dir_all(&blocker).unwrap_or_else(|e| panic!("{}: {e}", blocker.display()));
+    let exit = tb
+        .run_agent_to_exit(
+            1,
+            &bin,
+            &tb.agent_args(1).must("args"),
+            Duration::from_secs(10),
+        )
+        .must("the agent exits");
+    assert!(!exit.status.success(), "expected failure:\n{}", exit.output);
+    assert!(
+        exit.output.contains("pinning the link of weft_decap"),
+        "names the failed step:\n{}",
+        exit.output
+    );
+    let left = links_with_prefix(&ns, "weft-").must("ip link");
+    assert!(
+        left.is_empty(),
+        "the device the run created is gone: {left:?}"
+    );
+    let mut entries: Vec<String> = walk(&root);
+    entries.sort();
+    assert_eq!(
+        entries,
+        [format!("links/{}/", programs::INGRESS)],
+        "only the blocking directory remains in the pin directory"
+    );
+    assert!(!tb.socket_path(1).exists(), "socket removed");
+}
+
+/// Paths below `dir`, relative, directories with a trailing `/` when empty.
+fn walk(dir: &Path) -> Vec<String> {
+    fn go(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let entries: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        if entries.is_empty() && dir != base {
+            let rel = dir.strip_prefix(base).unwrap_or(dir).display();
+            out.push(format!("{rel}/"));
+        }
+        for e in entries {
+            let path = e.path();
+            if path.is_dir() {
+                go(base, &path, out);
+            } else {
+                out.push(
+                    path.strip_prefix(base)
+                        .unwrap_or(&path)
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(dir, dir, &mut out);
+    out
 }

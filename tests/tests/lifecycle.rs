@@ -43,7 +43,11 @@ fn attached_ids(tb: &Bed, n: u8) -> Vec<u32> {
 fn wait_unloaded(ids: &[u32]) -> Vec<u32> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let left: Vec<u32> = ids.iter().copied().filter(|&id| prog_exists(id)).collect();
+        let left: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&id| prog_exists(id).must("program lookup"))
+            .collect();
         if left.is_empty() || Instant::now() >= deadline {
             return left;
         }

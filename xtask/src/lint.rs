@@ -11,7 +11,7 @@ use crate::{
 /// Runs every check, then fails if any failed (so one run reports all of them).
 pub fn run(ws: &Workspace) -> Result<()> {
     setup::run(ws, setup::Mode::Quiet)?;
-    // The agent's build script needs the eBPF object, and clippy runs build scripts.
+    // Clippy sees the agent as `cargo xtask build` builds it, with its programs.
     let object = build::build_ebpf(ws)?;
     let checks = [
         ("rustfmt", {

@@ -65,8 +65,12 @@ pub fn run(ws: &Workspace, mode: Mode) -> Result<()> {
 fn toolchain(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
     let file = ws.root.join("rust-toolchain.toml");
     let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let (channel, components) = parse_toolchain_file(&text)
-        .with_context(|| format!("{} has no `channel = \"...\"`", file.display()))?;
+    let ToolchainFile {
+        toolchain: Toolchain {
+            channel,
+            components,
+        },
+    } = toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     if find_binary("rustup").is_none() {
         eprintln!("setup: rustup not found; not checking toolchain {channel}");
         return Ok(());
@@ -107,26 +111,18 @@ fn toolchain(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
     )
 }
 
-/// `channel` and `components` of a `rust-toolchain.toml` (just enough TOML for it).
-fn parse_toolchain_file(text: &str) -> Option<(String, Vec<String>)> {
-    let value = |key: &str| {
-        text.lines().find_map(|line| {
-            let (k, v) = line.split_once('=')?;
-            (k.trim() == key).then(|| v.trim().to_owned())
-        })
-    };
-    let channel = value("channel")?.trim_matches('"').to_owned();
-    let components = value("components")
-        .map(|list| {
-            list.trim_start_matches('[')
-                .trim_end_matches(']')
-                .split(',')
-                .map(|c| c.trim().trim_matches('"').to_owned())
-                .filter(|c| !c.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
-    Some((channel, components))
+/// What setup reads of `rust-toolchain.toml`; rustup's other keys are ignored.
+#[derive(Debug, serde::Deserialize)]
+struct ToolchainFile {
+    toolchain: Toolchain,
+}
+
+/// The `[toolchain]` table.
+#[derive(Debug, serde::Deserialize)]
+struct Toolchain {
+    channel: String,
+    #[serde(default)]
+    components: Vec<String>,
 }
 
 /// bpf-linker in `.tools/bin`, built against the pinned toolchain's own LLVM (the one
@@ -292,26 +288,35 @@ fn bpffs(say: &dyn Fn(String)) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<Toolchain, toml::de::Error> {
+        toml::from_str::<ToolchainFile>(text).map(|file| file.toolchain)
+    }
+
     #[test]
     fn parses_toolchain_file() {
         let text = "# comment\n[toolchain]\nchannel = \"nightly-2026-10-01\"\n\
                     components = [\"rust-src\", \"rustfmt\", \"clippy\"]\nprofile = \"minimal\"\n";
-        let (channel, components) = parse_toolchain_file(text).unwrap();
-        assert_eq!(channel, "nightly-2026-10-01");
-        assert_eq!(components, ["rust-src", "rustfmt", "clippy"]);
+        let toolchain = parse(text).unwrap();
+        assert_eq!(toolchain.channel, "nightly-2026-10-01");
+        assert_eq!(toolchain.components, ["rust-src", "rustfmt", "clippy"]);
     }
 
     #[test]
     fn toolchain_file_without_channel_is_rejected() {
-        assert!(parse_toolchain_file("[toolchain]\nprofile = \"minimal\"\n").is_none());
+        let e = parse("[toolchain]\nprofile = \"minimal\"\n").unwrap_err();
+        assert!(e.message().contains("missing field `channel`"), "{e}");
     }
 
     #[test]
     fn repository_toolchain_file_parses() {
         let ws = Workspace::locate().unwrap();
         let text = fs::read_to_string(ws.root.join("rust-toolchain.toml")).unwrap();
-        let (channel, components) = parse_toolchain_file(&text).unwrap();
-        assert!(channel.starts_with("nightly-"), "{channel}");
-        assert!(components.iter().any(|c| c == "rust-src"));
+        let toolchain = parse(&text).unwrap();
+        assert!(
+            toolchain.channel.starts_with("nightly-"),
+            "{}",
+            toolchain.channel
+        );
+        assert!(toolchain.components.iter().any(|c| c == "rust-src"));
     }
 }
