@@ -41,7 +41,9 @@ fn main() -> ExitCode {
         Ok(v) => match v.parse::<Targets>() {
             Ok(filter) => filter,
             Err(e) => {
-                eprintln!("weft: WEFT_LOG={v:?}: {e} (try a level like debug, or weft=debug,aya=info)");
+                eprintln!(
+                    "weft: WEFT_LOG={v:?}: {e} (try a level like debug, or weft=debug,aya=info)"
+                );
                 return ExitCode::FAILURE;
             }
         },
