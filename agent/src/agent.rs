@@ -9,10 +9,13 @@
 //! removes everything weft created, as `weave reset` does.
 //!
 //! Setup order is chosen so that a failure leaves nothing behind: the peers file and
-//! interface are validated and the control socket is claimed before the kernel is
-//! touched, and what this run created is recorded in [`Rollback`], undone if setup
-//! fails or is interrupted before the datapath is ready. Anything adopted from an
-//! earlier run is left as it was.
+//! interface are validated and the namespace's pin directory is locked (one agent
+//! per network namespace) before anything else, and what
+//! this run created is recorded in [`Rollback`], undone if setup fails or a stop
+//! signal arrives before the datapath is ready. Anything adopted from an earlier
+//! run is left as it was. weft's device is never up without its programs: a new one
+//! joins the bridge only once they are attached, and rollback and reset delete it
+//! before unpinning them.
 
 use std::{
     net::SocketAddrV4,
@@ -54,7 +57,13 @@ struct Rollback {
 
 impl Rollback {
     async fn run(self, net: &Netdev) {
-        // Pins first: the links go, so nothing forwards into devices that are going.
+        // The device first: without its programs it would accept any VXLAN, so it
+        // must never outlive their links (its links go defunct with it).
+        if let Some(index) = self.vxlan
+            && let Err(e) = net.delete_link(index, netdev::VXLAN_DEVICE).await
+        {
+            tracing::warn!(error = %format!("{e:#}"), "cleanup");
+        }
         if let Some(pins) = self.pins
             && let Err(e) = pins.remove()
         {
@@ -64,11 +73,6 @@ impl Rollback {
             && let Err(e) = pins.remove_maps()
         {
             tracing::warn!(error = %e, "cleanup: removing pinned maps");
-        }
-        if let Some(index) = self.vxlan
-            && let Err(e) = net.delete_link(index, netdev::VXLAN_DEVICE).await
-        {
-            tracing::warn!(error = %format!("{e:#}"), "cleanup");
         }
         if let Some((index, name)) = self.bridge {
             delete_bridge_if_unused(net, index, &name).await;
@@ -140,14 +144,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(underlay = %underlay.name, mtu = underlay.mtu, "underlay checked");
     let pins = PinDir::for_current_netns(&args.bpffs)
         .context("reading this network namespace's cookie")?;
-    let fresh_pins = !pins.exists();
-    let fresh_maps = !pins.maps_exist();
+    // One agent per network namespace: the lock is held until this process ends.
+    let _lock = pins.lock()?;
+    // Under the lock, what is there is an earlier run's, and what this run adds is
+    // its own to roll back.
     let mut rollback = Rollback {
-        pins: fresh_pins.then(|| pins.clone()),
-        maps: (fresh_maps && !fresh_pins).then(|| pins.clone()),
+        pins: pins.is_empty().then(|| pins.clone()),
+        maps: (!pins.is_empty() && !pins.maps_exist()).then(|| pins.clone()),
         ..Rollback::default()
     };
-    // Creating (or opening) the maps proves the BPF privileges; nothing is attached.
+    // Creating (or opening) the maps proves the BPF privileges (first, so a user
+    // without them hears that); nothing is attached.
     let ebpf = match loader::load(&pins, args.ebpf_object.as_deref()) {
         Ok(ebpf) => ebpf,
         Err(e) => {
@@ -164,7 +171,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     // From here on a signal must not kill the process before cleanup: catch them
-    // now (tokio queues what arrives until the loop listens).
+    // now (tokio queues what arrives until the loop listens). Setup itself is never
+    // cut short (that could leave a step half done); a stop signal that arrives
+    // meanwhile undoes it afterwards.
     let signals = Signals::install()?;
 
     // 2. Kernel state; what this run creates is recorded for rollback.
@@ -210,11 +219,13 @@ impl Signals {
         })
     }
 
-    /// Waits for SIGTERM or SIGINT, naming which came.
-    async fn stop(&mut self) -> &'static str {
+    /// SIGTERM or SIGINT if one arrived already (without waiting).
+    async fn pending_stop(&mut self) -> Option<&'static str> {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+            biased;
+            _ = self.term.recv() => Some("SIGTERM"),
+            _ = self.int.recv() => Some("SIGINT"),
+            () = std::future::ready(()) => None,
         }
     }
 }
@@ -236,19 +247,20 @@ async fn serve(
     mut signals: Signals,
     rollback: &mut Rollback,
 ) -> anyhow::Result<()> {
-    let outcome = tokio::select! {
-        res = setup(args, net, &me, &remotes, pins, &mut ebpf, rollback) => Some(res),
-        sig = signals.stop() => {
-            tracing::info!("{sig} during setup: undoing it");
-            None
-        }
+    let outcome = setup(args, net, &me, &remotes, pins, &mut ebpf, rollback).await;
+    let stop = match &outcome {
+        Ok(_) => signals.pending_stop().await,
+        Err(_) => None,
     };
-    let (datapath, settings) = match outcome {
-        Some(Ok(ready)) => ready,
-        failed => {
+    let (datapath, settings) = match (outcome, stop) {
+        (Ok(ready), None) => ready,
+        (outcome, stop) => {
+            if let Some(sig) = stop {
+                tracing::info!("{sig} during setup: undoing it");
+            }
             drop(ebpf);
             std::mem::take(rollback).run(net).await;
-            return failed.transpose().map(|_| ());
+            return outcome.map(drop);
         }
     };
     // The datapath is complete: from here on it outlives this process.
@@ -304,12 +316,14 @@ async fn setup(
     if created {
         rollback.bridge = Some((bridge.index, bridge.name.clone()));
     }
-    let existed = net.link(netdev::VXLAN_DEVICE).await?.map(|l| l.index);
-    let vxlan = net
-        .ensure_vxlan_device(args.port + 1, mtu, bridge.index)
-        .await?;
-    if existed != Some(vxlan.index) {
+    let port = args.port + 1;
+    let (vxlan, created) = net.ensure_vxlan_device(port, mtu).await?;
+    if created {
         rollback.vxlan = Some(vxlan.index);
+    } else if !pins.has_links() {
+        // weft's device without its programs (a run that died between creating it
+        // and pinning their links): it must not carry traffic until they are back.
+        net.set_down(vxlan.index).await?;
     }
     let settings = LocalSettings {
         short_id: me.short_id,
@@ -322,6 +336,18 @@ async fn setup(
     // Maps first, then programs: the programs never run unconfigured.
     let report = datapath.apply(&settings, &remote_peers(remotes))?;
     let attached = loader::attach(ebpf, pins, vxlan.index)?;
+    net.activate(vxlan.index, port, mtu, bridge.index).await?;
+    match net.root_qdisc(vxlan.index).await {
+        Ok(None) => {}
+        Ok(Some(kind)) if kind == "noqueue" => {}
+        Ok(Some(kind)) => tracing::error!(
+            device = netdev::VXLAN_DEVICE,
+            qdisc = %kind,
+            "a queueing qdisc on weft's device: queued frames may be sent with another \
+             frame's tunnel key (the kernel shares one per CPU); remove it"
+        ),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading the device's qdisc"),
+    }
     tracing::info!(
         name = %me.name,
         short_id = me.short_id,
@@ -440,8 +466,8 @@ pub async fn reset(args: ResetArgs) -> anyhow::Result<()> {
     let net = Netdev::connect()?;
     let pins = PinDir::for_current_netns(&args.bpffs)
         .context("reading this network namespace's cookie")?;
-    pins.remove()
-        .with_context(|| format!("removing {}", pins.root().display()))?;
+    let _lock = pins.lock()?;
+    // The device before the pins: it must never be up without its programs.
     if let Some(link) = net.link(netdev::VXLAN_DEVICE).await? {
         if link.is_ours() {
             net.delete_link(link.index, &link.name).await?;
@@ -452,6 +478,8 @@ pub async fn reset(args: ResetArgs) -> anyhow::Result<()> {
             );
         }
     }
+    pins.remove()
+        .with_context(|| format!("removing {}", pins.root().display()))?;
     if let Some(bridge) = net.link(&args.bridge).await?
         && bridge.is_ours()
     {

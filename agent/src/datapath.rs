@@ -152,17 +152,23 @@ impl<M: DatapathMaps> Datapath<M> {
             self.local = Some(*local);
         }
 
-        // 3. Gone peers last, with their learned MACs and counters.
+        // 3. Gone peers last, with their learned MACs and counters. A ShortID that
+        //    moved to another address forgets its MACs too: they were the old
+        //    host's pods.
         let gone: Vec<u16> = self
             .peers
             .keys()
             .filter(|id| !desired.contains_key(id))
             .copied()
             .collect();
-        if !gone.is_empty() {
-            let gone_set: BTreeSet<u32> = gone.iter().map(|&id| u32::from(id)).collect();
+        let forget: BTreeSet<u32> = gone
+            .iter()
+            .chain(&report.changed)
+            .map(|&id| u32::from(id))
+            .collect();
+        if !forget.is_empty() {
             for (key, entry) in self.maps.macs()? {
-                if gone_set.contains(&entry.short_id) {
+                if forget.contains(&entry.short_id) {
                     self.maps.forget_mac(&key)?;
                 }
             }
@@ -288,6 +294,13 @@ mod tests {
                 ..seen
             },
         );
+        dp.maps_mut().macs.insert(
+            MacKey::new([2, 0, 0, 0, 0, 3]),
+            MacEntry {
+                short_id: 3,
+                ..seen
+            },
+        );
         let writes = dp.maps().peer_writes;
         let r = dp
             .apply(&local(), &[peer(2, 12), peer(3, 99), peer(5, 15)])
@@ -302,7 +315,8 @@ mod tests {
         assert_eq!(m.peers[&3].addr, [192, 168, 48, 99]);
         assert_eq!(m.config.unwrap().flood_count, 3);
         assert_eq!(m.flood.get(&2), Some(&5));
-        // The removed peer's MAC is forgotten, the others' are kept.
+        // The removed peer's MAC and the moved peer's are forgotten, the unchanged
+        // peer's kept.
         assert_eq!(m.macs.len(), 1);
         assert!(m.macs.contains_key(&MacKey::new([2, 0, 0, 0, 0, 2])));
     }

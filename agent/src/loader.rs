@@ -95,6 +95,12 @@ pub enum LoaderError {
         #[source]
         source: io::Error,
     },
+    /// Another agent (or `weft reset`) holds this namespace's pin directory.
+    #[error(
+        "another weft agent (or weft reset) is running in this network namespace: {} is locked",
+        .0.display()
+    )]
+    Locked(PathBuf),
     /// Pinning a link failed.
     #[error("pinning the link of {name} failed")]
     Pin {
@@ -175,9 +181,41 @@ impl PinDir {
         self.root.join("links").join(name)
     }
 
-    /// Whether anything is pinned here (an earlier run's datapath).
-    pub fn exists(&self) -> bool {
-        self.root.exists()
+    /// Creates the directory (if absent) and takes an exclusive lock on it, held
+    /// until the returned file is dropped (or the process dies, `kill -9`
+    /// included): one agent, or `weft reset`, per network namespace at a time.
+    pub fn lock(&self) -> Result<std::fs::File, LoaderError> {
+        std::fs::create_dir_all(&self.root).map_err(|source| self.dir_error(source))?;
+        let dir = std::fs::File::open(&self.root).map_err(|source| self.dir_error(source))?;
+        match dir.try_lock() {
+            Ok(()) => Ok(dir),
+            Err(std::fs::TryLockError::WouldBlock) => Err(LoaderError::Locked(self.root.clone())),
+            Err(std::fs::TryLockError::Error(source)) => Err(self.dir_error(source)),
+        }
+    }
+
+    fn dir_error(&self, source: io::Error) -> LoaderError {
+        if matches!(
+            source.raw_os_error(),
+            Some(libc::EPERM) | Some(libc::EACCES)
+        ) {
+            LoaderError::Permission
+        } else {
+            LoaderError::PinDir {
+                path: self.root.clone(),
+                source,
+            }
+        }
+    }
+
+    /// Whether the directory holds nothing (no earlier run's datapath).
+    pub fn is_empty(&self) -> bool {
+        std::fs::read_dir(&self.root).map_or(true, |mut d| d.next().is_none())
+    }
+
+    /// Whether both programs' links are pinned here.
+    pub fn has_links(&self) -> bool {
+        HOOKS.iter().all(|(name, _)| self.link(name).exists())
     }
 
     /// Whether maps of the current layout are pinned here.
@@ -193,8 +231,8 @@ impl PinDir {
         }
     }
 
-    /// Unpins everything: links first (their programs detach once nothing else
-    /// holds them), then the maps. Absent is not an error.
+    /// Unpins everything (the programs detach once nothing else holds their links).
+    /// Absent is not an error.
     pub fn remove(&self) -> io::Result<()> {
         match std::fs::remove_dir_all(&self.root) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -227,8 +265,8 @@ impl PinDir {
 
 /// The cookie of the calling thread's network namespace.
 fn netns_cookie() -> io::Result<u64> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    // Any socket will do; the wildcard address binds even with loopback down.
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` (8) bytes into `cookie`, a live u64,
@@ -257,16 +295,7 @@ pub fn load(pins: &PinDir, object: Option<&Path>) -> Result<Ebpf, LoaderError> {
     }
     let maps = pins.maps();
     for dir in [maps.clone(), pins.root.join("links")] {
-        std::fs::create_dir_all(&dir).map_err(|source| {
-            if matches!(
-                source.raw_os_error(),
-                Some(libc::EPERM) | Some(libc::EACCES)
-            ) {
-                LoaderError::Permission
-            } else {
-                LoaderError::PinDir { path: dir, source }
-            }
-        })?;
+        std::fs::create_dir_all(&dir).map_err(|source| pins.dir_error(source))?;
     }
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&maps);

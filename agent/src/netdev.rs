@@ -15,11 +15,14 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
         route::{RouteAddress, RouteAttribute},
+        tc::TcAttribute,
     },
 };
 
 /// Name of weft's metadata-mode VXLAN device.
 pub const VXLAN_DEVICE: &str = "weft-vxlan";
+/// The name weft's device has between its creation and its marking as weft's.
+const VXLAN_DEVICE_TEMP: &str = "weft-vxlan.new";
 /// Interface alias (`ip link show` prints it) marking a device weft created.
 pub const OWNER_ALIAS: &str = "weft";
 
@@ -199,25 +202,31 @@ impl Netdev {
         Ok((link, true))
     }
 
-    /// Returns weft's metadata-mode VXLAN device on UDP `port`, a port of `bridge`
-    /// with `mtu`, up. A device of weft's from an earlier run is kept as it is when
-    /// its port matches (its programs keep forwarding meanwhile), else replaced. A
-    /// device of that name that is not weft's is an error.
+    /// Returns weft's metadata-mode VXLAN device on UDP `port` and whether this call
+    /// created it. A device of weft's from an earlier run is kept as it is when its
+    /// port matches (its programs keep forwarding meanwhile), else replaced. A new
+    /// device is left down and outside the bridge: in metadata mode it would accept
+    /// VXLAN of any VNI from anyone, so it must not carry traffic before its programs
+    /// are attached ([`Netdev::activate`]). It is created under a temporary name,
+    /// marked as weft's, then renamed, so a crash never leaves an unmarked device of
+    /// weft's name. A device of that name that is not weft's is an error.
     pub async fn ensure_vxlan_device(
         &self,
         port: u16,
         mtu: u32,
-        bridge: u32,
-    ) -> Result<Link, NetdevError> {
+    ) -> Result<(Link, bool), NetdevError> {
         if let Some(link) = self.link(VXLAN_DEVICE).await? {
             if !link.is_ours() {
                 return Err(NetdevError::NotOurs(VXLAN_DEVICE.to_owned()));
             }
             if link.vxlan == Some((port, true)) {
-                self.set_up(link.index, Some(mtu), Some(bridge)).await?;
-                return Ok(link);
+                return Ok((link, false));
             }
             self.delete_link(link.index, VXLAN_DEVICE).await?;
+        }
+        if let Some(stale) = self.link(VXLAN_DEVICE_TEMP).await? {
+            // Only weft uses this name, and only between two steps of this function.
+            self.delete_link(stale.index, VXLAN_DEVICE_TEMP).await?;
         }
         // Metadata mode (`external`): one device carries every peer, the tunnel key
         // of each frame names the peer. No learning: the programs decide. IPv4 UDP
@@ -225,7 +234,7 @@ impl Netdev {
         self.handle
             .link()
             .add(
-                LinkVxlan::new(VXLAN_DEVICE, 0)
+                LinkVxlan::new(VXLAN_DEVICE_TEMP, 0)
                     .port(port)
                     .collect_metadata(true)
                     .learning(false)
@@ -237,26 +246,82 @@ impl Netdev {
             .await
             .map_err(|e| NetdevError::Request(format!("creating {VXLAN_DEVICE}"), e))?;
         let link = self
+            .link(VXLAN_DEVICE_TEMP)
+            .await?
+            .ok_or_else(|| NetdevError::NoSuchInterface(VXLAN_DEVICE_TEMP.to_owned()))?;
+        let named = async {
+            self.mark_ours(link.index, VXLAN_DEVICE).await?;
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(link.index)
+                        .name(VXLAN_DEVICE.to_owned())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| NetdevError::Request(format!("naming {VXLAN_DEVICE}"), e))
+        };
+        if let Err(e) = named.await {
+            let _ = self.delete_link(link.index, VXLAN_DEVICE_TEMP).await;
+            return Err(e);
+        }
+        let link = self
             .link(VXLAN_DEVICE)
             .await?
             .ok_or_else(|| NetdevError::NoSuchInterface(VXLAN_DEVICE.to_owned()))?;
-        if let Err(e) = self.mark_ours(link.index, VXLAN_DEVICE).await {
-            let _ = self.delete_link(link.index, VXLAN_DEVICE).await;
-            return Err(e);
-        }
-        // Up opens the UDP socket: this is where a port taken by another VXLAN
-        // device fails. The device is then removed again.
-        if let Err(e) = self.set_up(link.index, Some(mtu), Some(bridge)).await {
-            let _ = self.delete_link(link.index, VXLAN_DEVICE).await;
-            return Err(match e {
+        Ok((link, true))
+    }
+
+    /// Puts weft's device into the bridge and brings it up (once its programs are
+    /// attached). Up opens the UDP socket: this is where a port taken by another
+    /// VXLAN device fails.
+    pub async fn activate(
+        &self,
+        index: u32,
+        port: u16,
+        mtu: u32,
+        bridge: u32,
+    ) -> Result<(), NetdevError> {
+        self.set_up(index, Some(mtu), Some(bridge))
+            .await
+            .map_err(|e| match e {
                 NetdevError::Request(_, source) => NetdevError::Request(
                     format!("bringing {VXLAN_DEVICE} up on UDP port {port}"),
                     source,
                 ),
                 other => other,
-            });
+            })
+    }
+
+    /// Sets a link down.
+    pub async fn set_down(&self, index: u32) -> Result<(), NetdevError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(|e| NetdevError::Request(format!("setting link {index} down"), e))
+    }
+
+    /// The root qdisc of a link, by kind (`noqueue` when it has none configured).
+    pub async fn root_qdisc(&self, index: u32) -> Result<Option<String>, NetdevError> {
+        let mut qdiscs = self.handle.qdisc().get().index(index as i32).execute();
+        while let Some(msg) = qdiscs
+            .try_next()
+            .await
+            .map_err(|e| NetdevError::Request("listing qdiscs".to_owned(), e))?
+        {
+            if msg.header.index != index as i32 || msg.header.parent != 0xffff_ffff.into() {
+                continue;
+            }
+            for attr in &msg.attributes {
+                if let TcAttribute::Kind(kind) = attr {
+                    return Ok(Some(kind.clone()));
+                }
+            }
         }
-        Ok(link)
+        Ok(None)
     }
 
     /// Sets the alias [`OWNER_ALIAS`] on a link weft created (the kernel ignores an

@@ -42,7 +42,7 @@ pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
 /// pins the maps under a directory named after it, so an agent of another layout
 /// never opens maps it would misread: it creates its own and swaps the programs
 /// over atomically. Bump it whenever a record or a map definition changes.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// Programs' names in the eBPF object. Both run on weft's metadata-mode VXLAN
 /// device, a port of the bridge.
@@ -185,11 +185,14 @@ pub enum Counter {
     FloodTruncated,
     /// Dropped: the agent has not configured the datapath (yet).
     DropNotConfigured,
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" that the VXLAN driver
+    /// made for a local pod whose frame did not fit the path to a peer, delivered.
+    RxPmtuReply,
 }
 
 impl Counter {
     /// Number of counters (size of the counters map).
-    pub const COUNT: u32 = Counter::DropNotConfigured as u32 + 1;
+    pub const COUNT: u32 = Counter::RxPmtuReply as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -208,6 +211,7 @@ impl Counter {
         Counter::FloodCopyFailed,
         Counter::FloodTruncated,
         Counter::DropNotConfigured,
+        Counter::RxPmtuReply,
     ];
 
     /// A stable snake_case name (status output, metrics).
@@ -228,6 +232,7 @@ impl Counter {
             Counter::FloodCopyFailed => "flood_copy_failed",
             Counter::FloodTruncated => "flood_truncated",
             Counter::DropNotConfigured => "drop_not_configured",
+            Counter::RxPmtuReply => "rx_pmtu_reply",
         }
     }
 }

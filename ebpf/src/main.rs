@@ -58,15 +58,19 @@ pub fn weft_encap(ctx: TcContext) -> i32 {
 }
 
 fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
-    let cfg = config().ok_or(Counter::DropNotConfigured)?;
+    // The per-CPU flood state first: it is set only for the very next run on this
+    // CPU (a copy re-entering, a tail call), which must consume it whatever else
+    // happens.
     let state = Flood::this_cpu().ok_or(Counter::DropNotConfigured)?;
     if state.copying() {
         // A flood copy this program is sending right now: its key is set, the
         // driver encapsulates it.
         return Ok(TC_ACT_OK);
     }
+    let continuation = state.take_continuation();
+    let cfg = config().ok_or(Counter::DropNotConfigured)?;
     let len = ctx.len();
-    if let Some(start) = state.take_continuation() {
+    if let Some(start) = continuation {
         return flood_run(ctx, &cfg, state, len, start);
     }
     // SAFETY: `skb` points at the program's context for the whole run.
@@ -126,15 +130,20 @@ fn flood_run(
             continue;
         };
         set_tunnel_key(ctx, cfg, short_id, &peer)?;
-        count_peer(short_id, len, true);
         if i + 1 == n {
             // The last peer gets the frame itself: no copy.
+            count_peer(short_id, len, true);
             return Ok(TC_ACT_OK);
         }
+        // The copy takes the key just set by reference (the kernel keeps one
+        // tunnel-key slot per CPU) and is encapsulated before `clone_redirect`
+        // returns: weft's device has no queue (the agent checks that at start).
         state.set_copying(true);
         let sent = ctx.clone_redirect(cfg.vxlan_ifindex, 0);
         state.set_copying(false);
-        if sent.is_err() {
+        if sent.is_ok() {
+            count_peer(short_id, len, true);
+        } else {
             count(Counter::FloodCopyFailed);
         }
     }
@@ -165,16 +174,29 @@ pub fn weft_decap(ctx: TcContext) -> i32 {
 
 fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
     let cfg = config().ok_or(Counter::DropNotConfigured)?;
+    // Without BPF_F_TUNINFO_IPV6 the kernel refuses (-EPROTO) the key of a packet
+    // that came over IPv6 (the device listens on both), so this is IPv4's.
     let key = tunnel_key(ctx).ok_or(Counter::DropNoTunnelKey)?;
-    let vni = key.tunnel_id;
-    if vni >> 24 != 0 || vni_dst(vni) != cfg.local_short_id {
+    // SAFETY: an IPv4 key (see above): the IPv4 members of the unions are the ones
+    // the kernel filled.
+    let (remote, local) = unsafe {
+        (
+            key.__bindgen_anon_1.remote_ipv4,
+            key.__bindgen_anon_3.local_ipv4,
+        )
+    };
+    if local != u32::from_be_bytes(cfg.local_addr) {
         return Err(Counter::DropWrongDestination);
     }
-    let src = vni_src(vni) as u32;
+    let vni = key.tunnel_id;
+    if vni >> 24 != 0 {
+        return Err(Counter::DropWrongDestination);
+    }
+    let (dst, src) = (vni_dst(vni), vni_src(vni) as u32);
+    if dst != cfg.local_short_id {
+        return pmtu_reply(ctx, &cfg, vni, remote);
+    }
     let peer = peer(src).ok_or(Counter::DropUnknownSource)?;
-    // SAFETY: the kernel filled the IPv4 member (the device is IPv4-only, and
-    // `tunnel_key` did not ask for IPv6).
-    let remote = unsafe { key.__bindgen_anon_1.remote_ipv4 };
     if remote != u32::from_be_bytes(peer.addr) {
         return Err(Counter::DropSourceMismatch);
     }
@@ -185,6 +207,63 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
     learn_mac(&src_mac, src);
     count_peer(src, ctx.len(), false);
     count(Counter::RxDelivered);
+    Ok(TC_ACT_OK)
+}
+
+/// A frame the kernel turned around: when a frame to a peer does not fit the path
+/// MTU (DF set), the VXLAN driver of a bridge port answers the pod with an ICMP
+/// "fragmentation needed" (or ICMPv6 "packet too big") and feeds it back into its
+/// own device with the key of the frame that did not fit, source and destination
+/// swapped: the VNI still reads this host -> the peer. Such a frame is accepted,
+/// not learned from, if it is exactly that: the peer is known and is the key's
+/// remote end, and the frame is that ICMP message. Anything else with a foreign
+/// destination ShortID is dropped.
+#[inline(always)]
+fn pmtu_reply(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    vni: u32,
+    remote: u32,
+) -> Result<i32, Counter> {
+    let (dst, src) = (vni_dst(vni) as u32, vni_src(vni));
+    if src != cfg.local_short_id {
+        return Err(Counter::DropWrongDestination);
+    }
+    let peer = peer(dst).ok_or(Counter::DropWrongDestination)?;
+    if remote != u32::from_be_bytes(peer.addr) {
+        return Err(Counter::DropWrongDestination);
+    }
+    // Ethernet type, then ICMP type and code right after an option-less IPv4
+    // header, or the ICMPv6 type right after the fixed IPv6 header.
+    let eth_type: [u8; 2] = ctx.load(12).map_err(|_| Counter::DropWrongDestination)?;
+    let is_pmtu = match eth_type {
+        [0x08, 0x00] => {
+            let ip: [u8; 2] = ctx
+                .load(ETH_LEN)
+                .map_err(|_| Counter::DropWrongDestination)?;
+            let proto: u8 = ctx
+                .load(ETH_LEN + 9)
+                .map_err(|_| Counter::DropWrongDestination)?;
+            let icmp: [u8; 2] = ctx
+                .load(ETH_LEN + 20)
+                .map_err(|_| Counter::DropWrongDestination)?;
+            ip[0] == 0x45 && proto == 1 && icmp == [3, 4]
+        }
+        [0x86, 0xdd] => {
+            let next: u8 = ctx
+                .load(ETH_LEN + 6)
+                .map_err(|_| Counter::DropWrongDestination)?;
+            let icmp: u8 = ctx
+                .load(ETH_LEN + 40)
+                .map_err(|_| Counter::DropWrongDestination)?;
+            next == 58 && icmp == 2
+        }
+        _ => false,
+    };
+    if !is_pmtu {
+        return Err(Counter::DropWrongDestination);
+    }
+    count(Counter::RxPmtuReply);
     Ok(TC_ACT_OK)
 }
 

@@ -51,6 +51,9 @@ pub struct FloodState {
     pub pad: u32,
 }
 
+// A pinned record: a change to it must bump `MAP_LAYOUT_VERSION`.
+const _: () = assert!(size_of::<FloodState>() == 16);
+
 /// Per-CPU [`FloodState`] (one entry).
 #[map(name = "WEFT_FLOOD_STATE")]
 pub static FLOOD_STATE: PerCpuArray<FloodState> = PerCpuArray::pinned(1, 0);

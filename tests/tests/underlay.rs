@@ -267,3 +267,42 @@ impl<T> MustMap<T> for Result<T, aya::maps::MapError> {
         self.unwrap_or_else(|e| panic!("{what}: {e}"))
     }
 }
+
+/// A path MTU below what the overlay MTU needs (a route with MTU 1400 from host1 to
+/// host2: 1376 + 50 does not fit): the kernel answers the pod with ICMP
+/// "fragmentation needed" through weft's device, weft delivers it, and TCP adapts
+/// instead of stalling in a black hole.
+#[test]
+fn a_smaller_path_mtu_is_reported_to_the_pod() {
+    let bin = agent_bin();
+    let (tb, p1, p2) = running_pair(&bin);
+    wait_ping(&p1, p2.addr, FIRST_CONTACT).must("first contact");
+    let h1 = tb.host(1).must("host").ns.clone();
+    ns_exec(
+        &h1,
+        &[
+            "ip",
+            "route",
+            "add",
+            "192.168.48.12/32",
+            "dev",
+            "eth0",
+            "mtu",
+            "1400",
+        ],
+    )
+    .must("route with a smaller MTU");
+    let t = tcp_transfer(&p1, &p2, 16 << 20).must("TCP over the smaller path MTU");
+    assert_eq!(t.bytes_received, 16 << 20);
+    let s = tb.status_json(1).must("status");
+    assert!(
+        s["counters"]["rx_pmtu_reply"].as_u64().unwrap_or(0) > 0,
+        "the pod got the kernel's ICMP through weft: {}",
+        s["counters"]
+    );
+    let route = ns_exec(&p1.ns, &["ip", "route", "get", &p2.addr.to_string()]).must("route");
+    assert!(
+        route.contains("mtu 1350"),
+        "the pod learnt the path MTU (1400 - 50):\n{route}"
+    );
+}
