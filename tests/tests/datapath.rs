@@ -214,6 +214,10 @@ fn fmt_mac(b: &[u8]) -> String {
         .join(":")
 }
 
+/// Decapsulation counters of host1: (wrong destination, unknown source, source
+/// mismatch, delivered).
+type Counts = (u64, u64, u64, u64);
+
 /// The decapsulation program is the security boundary: VXLAN that reaches a host
 /// (from a peer's address, to weft's port) is delivered only if its VNI names this
 /// host and a known peer, and that peer is the sender. Forged datagrams, sent from
@@ -240,7 +244,7 @@ fn forged_vxlan_is_dropped_and_counted_by_reason() {
         )
     };
     // host2 (ShortID 2, 192.168.48.12) sends to host1 (ShortID 1) as ...
-    let cases: [(&str, u32, (u64, u64, u64, u64)); 4] = [
+    let cases: [(&str, u32, Counts); 4] = [
         ("to another host (VNI 9 <- 2)", vni(9, 2), (1, 0, 0, 0)),
         ("from an unknown peer (VNI 1 <- 7)", vni(1, 7), (0, 1, 0, 0)),
         ("as host3 (VNI 1 <- 3)", vni(1, 3), (0, 0, 1, 0)),
