@@ -25,7 +25,6 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapError, ProgramArray},
     pin::PinError,
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
@@ -34,7 +33,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-use weft_common::maps::{JUMP_MAP, MAP_LAYOUT_VERSION, programs};
+use weft_common::maps::{MAP_LAYOUT_VERSION, programs};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 #[cfg(not(weft_no_ebpf))]
@@ -81,9 +80,6 @@ pub enum LoaderError {
         #[source]
         source: ProgramError,
     },
-    /// Filling the encapsulation program's jump table failed.
-    #[error("setting up the flood jump table failed")]
-    JumpTable(#[source] MapError),
     /// The pin directory could not be made or read.
     #[error(
         "bpffs directory {path}: is bpffs mounted at the --bpffs path (mount -t bpf bpf /sys/fs/bpf)?"
@@ -356,7 +352,6 @@ pub fn attach(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32) -> Result<Attached, 
             }
         })?;
     }
-    set_jump_table(ebpf)?;
     let mut attached = Attached::default();
     let mut pinned_now = Vec::new();
     if let Err(e) = attach_all(ebpf, pins, ifindex, &mut attached, &mut pinned_now) {
@@ -444,24 +439,6 @@ fn replace_pinned(
             Ok(false)
         }
     }
-}
-
-/// Points slot 0 of the jump table at the (loaded) encapsulation program, so long
-/// floods continue in a tail call.
-fn set_jump_table(ebpf: &mut Ebpf) -> Result<(), LoaderError> {
-    let fd = classifier(ebpf, programs::EGRESS)?
-        .fd()
-        .map_err(|source| LoaderError::ProgramLoad {
-            name: programs::EGRESS,
-            source,
-        })?
-        .try_clone()
-        .map_err(|e| LoaderError::JumpTable(MapError::IoError(e)))?;
-    let map = ebpf
-        .map_mut(JUMP_MAP)
-        .ok_or(LoaderError::Program(JUMP_MAP))?;
-    let mut jump = ProgramArray::try_from(map).map_err(LoaderError::JumpTable)?;
-    jump.set(0, &fd, 0).map_err(LoaderError::JumpTable)
 }
 
 /// Netlink mode: removes a leftover filter of a previous run and makes sure a

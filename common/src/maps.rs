@@ -14,10 +14,6 @@ pub const PEERS_MAP: &str = "WEFT_PEERS";
 /// Name of the flood list: index (`u32`) -> ShortID (`u32`), the first
 /// [`DatapathConfig::flood_count`] entries valid.
 pub const FLOOD_MAP: &str = "WEFT_FLOOD";
-/// Name of the encapsulation program's jump table: a program array whose slot 0
-/// the agent sets to `weft_encap` itself, so a flood to more peers than one run
-/// may copy to ([`FLOOD_PEERS_PER_RUN`]) continues in a tail call.
-pub const JUMP_MAP: &str = "WEFT_JUMP";
 /// Name of the learned MAC table: [`MacKey`] -> [`MacEntry`] (LRU hash).
 pub const MACS_MAP: &str = "WEFT_MACS";
 /// Name of the per-CPU per-peer counters, indexed by ShortID: [`PeerStats`].
@@ -29,11 +25,6 @@ pub const COUNTERS_MAP: &str = "WEFT_COUNTERS";
 pub const MAX_PEERS: u32 = 4096;
 /// Capacity of the learned MAC table.
 pub const MAX_MACS: u32 = 131_072;
-/// How many flood copies one run of `weft_encap` makes (its loop is bounded by this
-/// for the verifier). Longer flood lists continue in tail calls of the program
-/// itself; with the kernel's limit of 33 tail calls, every possible peer
-/// ([`MAX_PEERS`] = 32 runs x 128) is reached.
-pub const FLOOD_PEERS_PER_RUN: u32 = 128;
 
 /// Default age after which a learned MAC is forgotten (the Linux bridge's default).
 pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
@@ -42,7 +33,7 @@ pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
 /// pins the maps under a directory named after it, so an agent of another layout
 /// never opens maps it would misread: it creates its own and swaps the programs
 /// over atomically. Bump it whenever a record or a map definition changes.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// Programs' names in the eBPF object. Both run on weft's metadata-mode VXLAN
 /// device, a port of the bridge.
@@ -180,9 +171,6 @@ pub enum Counter {
     DropNoPeers,
     /// A flood copy to one peer could not be made (`bpf_clone_redirect` failed).
     FloodCopyFailed,
-    /// A flood stopped early: the tail call that continues it failed (the jump
-    /// table is not set up).
-    FloodTruncated,
     /// Dropped: the agent has not configured the datapath (yet).
     DropNotConfigured,
     /// ICMP "fragmentation needed" / ICMPv6 "packet too big" that the VXLAN driver
@@ -209,7 +197,6 @@ impl Counter {
         Counter::DropSetTunnelKey,
         Counter::DropNoPeers,
         Counter::FloodCopyFailed,
-        Counter::FloodTruncated,
         Counter::DropNotConfigured,
         Counter::RxPmtuReply,
     ];
@@ -230,7 +217,6 @@ impl Counter {
             Counter::DropSetTunnelKey => "drop_set_tunnel_key",
             Counter::DropNoPeers => "drop_no_peers",
             Counter::FloodCopyFailed => "flood_copy_failed",
-            Counter::FloodTruncated => "flood_truncated",
             Counter::DropNotConfigured => "drop_not_configured",
             Counter::RxPmtuReply => "rx_pmtu_reply",
         }

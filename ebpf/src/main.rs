@@ -30,18 +30,22 @@
 mod maps;
 mod packet;
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
+    cty::c_void,
+    helpers::bpf_loop,
     macros::classifier,
     programs::TcContext,
 };
 use weft_common::{
-    maps::{Counter, DatapathConfig, FLOOD_PEERS_PER_RUN},
+    maps::{Counter, DatapathConfig, MAX_PEERS},
     wire::{ETH_LEN, MAX_INNER_FRAME, vni_dst, vni_src},
 };
 
 use crate::{
-    maps::{FLOOD, Flood, JUMP, config, count, count_peer, peer},
+    maps::{FLOOD, Flood, config, count, count_peer, peer},
     packet::{learn_mac, lookup_mac, read_at, set_tunnel_key, skb, tunnel_key},
 };
 
@@ -58,21 +62,16 @@ pub fn weft_encap(ctx: TcContext) -> i32 {
 }
 
 fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
-    // The per-CPU flood state first: it is set only for the very next run on this
-    // CPU (a copy re-entering, a tail call), which must consume it whatever else
-    // happens.
+    // The per-CPU flood state first: it is set only while a flood copy re-enters
+    // this program on this CPU.
     let state = Flood::this_cpu().ok_or(Counter::DropNotConfigured)?;
     if state.copying() {
         // A flood copy this program is sending right now: its key is set, the
         // driver encapsulates it.
         return Ok(TC_ACT_OK);
     }
-    let continuation = state.take_continuation();
     let cfg = config().ok_or(Counter::DropNotConfigured)?;
     let len = ctx.len();
-    if let Some(start) = continuation {
-        return flood_run(ctx, &cfg, state, len, start);
-    }
     // SAFETY: `skb` points at the program's context for the whole run.
     let gso = unsafe { (*skb(ctx)).gso_size } != 0;
     if (!gso && len > cfg.mtu as u32 + ETH_LEN as u32) || len > MAX_INNER_FRAME {
@@ -100,64 +99,83 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
                 return Err(Counter::DropNoPeers);
             }
             count(Counter::TxFlood);
-            flood_run(ctx, &cfg, state, len, 0)
+            flood(ctx, &cfg, state, len)
         }
     }
 }
 
-/// Sends the frame to flood-list entries `start..`, at most [`FLOOD_PEERS_PER_RUN`]
-/// of them in this run: a copy per peer (`bpf_clone_redirect` back into this
-/// device, where the copy passes this program by [`Flood::copying`]), and the frame
-/// itself to the last peer. A longer list continues in a tail call of this program.
-#[inline(always)]
-fn flood_run(
-    ctx: &TcContext,
-    cfg: &DatapathConfig,
+/// What one step of a flood needs: `bpf_loop` hands each step a pointer to this
+/// record on the program's stack.
+#[repr(C)]
+struct FloodStep {
+    /// The frame (the program's context).
+    skb: NonNull<__sk_buff>,
+    /// The configuration, copied.
+    cfg: DatapathConfig,
+    /// This CPU's flood state.
     state: Flood,
+    /// The frame's length.
     len: u32,
-    start: u32,
-) -> Result<i32, Counter> {
+}
+
+/// Sends the frame to every peer of the flood list: a copy per peer but the last
+/// (`bpf_clone_redirect` back into this device, where the copy passes this program
+/// by [`Flood::copying`]), made in `bpf_loop` steps so the verifier checks one step
+/// instead of every iteration; and the frame itself to the last peer.
+#[inline(always)]
+fn flood(ctx: &TcContext, cfg: &DatapathConfig, state: Flood, len: u32) -> Result<i32, Counter> {
     let n = cfg.flood_count as u32;
-    for k in 0..FLOOD_PEERS_PER_RUN {
-        let i = start + k;
-        if i >= n {
-            break;
-        }
-        let Some(&short_id) = FLOOD.get(i) else {
-            break;
-        };
-        let Some(peer) = peer(short_id) else {
-            continue;
-        };
-        set_tunnel_key(ctx, cfg, short_id, &peer)?;
-        if i + 1 == n {
-            // The last peer gets the frame itself: no copy.
-            count_peer(short_id, len, true);
-            return Ok(TC_ACT_OK);
-        }
-        // The copy takes the key just set by reference (the kernel keeps one
-        // tunnel-key slot per CPU) and is encapsulated before `clone_redirect`
-        // returns: weft's device has no queue (the agent checks that at start).
-        state.set_copying(true);
-        let sent = ctx.clone_redirect(cfg.vxlan_ifindex, 0);
-        state.set_copying(false);
-        if sent.is_ok() {
-            count_peer(short_id, len, true);
-        } else {
-            count(Counter::FloodCopyFailed);
-        }
+    if n > MAX_PEERS {
+        return Err(Counter::DropNotConfigured);
     }
-    let next = start + FLOOD_PEERS_PER_RUN;
-    if next < n {
-        state.set_continuation(next);
-        // SAFETY: slot 0 holds this very program; on success control never returns.
-        unsafe { JUMP.tail_call(ctx, 0) };
-        // Still here: the tail call failed (empty slot or the kernel's limit).
-        state.clear_continuation();
-        count(Counter::FloodTruncated);
+    let mut step = FloodStep {
+        skb: NonNull::new(skb(ctx)).ok_or(Counter::DropNotConfigured)?,
+        cfg: *cfg,
+        state,
+        len,
+    };
+    // SAFETY: a helper call; `flood_copy` has the callback signature bpf_loop
+    // expects, and `step` outlives the call (it lives on this stack frame).
+    unsafe { bpf_loop(n - 1, flood_copy as *mut c_void, (&raw mut step).cast(), 0) };
+    let last = FLOOD.get(n - 1).copied().ok_or(Counter::DropNoPeers)?;
+    // The last slot empty (a peer removed meanwhile): every copy is out already.
+    let Some(peer) = peer(last) else {
+        return Ok(TC_ACT_SHOT);
+    };
+    set_tunnel_key(ctx, cfg, last, &peer)?;
+    count_peer(last, len, true);
+    Ok(TC_ACT_OK)
+}
+
+/// One `bpf_loop` step of [`flood`]: a copy of the frame to flood-list entry
+/// `index`. Returns 0 (go on) or 1 (stop).
+extern "C" fn flood_copy(index: u64, data: *mut c_void) -> i64 {
+    // SAFETY: `data` is the `FloodStep` that `flood` passed to bpf_loop, alive on
+    // its stack for the whole loop.
+    let step = unsafe { &*(data as *const FloodStep) };
+    let Some(&short_id) = FLOOD.get(index as u32) else {
+        return 1;
+    };
+    let Some(peer) = peer(short_id) else {
+        return 0;
+    };
+    let ctx = TcContext::new(step.skb);
+    if set_tunnel_key(&ctx, &step.cfg, short_id, &peer).is_err() {
+        count(Counter::DropSetTunnelKey);
+        return 1;
     }
-    // The last peer's slot was empty (a peer removed meanwhile): every copy is out.
-    Ok(TC_ACT_SHOT)
+    // The copy takes the key just set by reference (the kernel keeps one
+    // tunnel-key slot per CPU) and is encapsulated before `clone_redirect`
+    // returns: weft's device has no queue (the agent checks that at start).
+    step.state.set_copying(true);
+    let sent = ctx.clone_redirect(step.cfg.vxlan_ifindex, 0);
+    step.state.set_copying(false);
+    if sent.is_ok() {
+        count_peer(short_id, step.len, true);
+    } else {
+        count(Counter::FloodCopyFailed);
+    }
+    0
 }
 
 /// Accepts or drops a frame the kernel's VXLAN socket decapsulated.

@@ -2,14 +2,11 @@
 //! `weft_common::maps`, where each map is documented; the agent opens them by name.
 //!
 //! Every map is pinned by name (under a directory the agent chooses), so the
-//! datapath keeps its state while no agent runs and a restarted agent adopts it. The
-//! jump table must be pinned too: the kernel empties a program array when its last
-//! user-space reference goes away, which would truncate floods while the agent is
-//! down.
+//! datapath keeps its state while no agent runs and a restarted agent adopts it.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, LruHashMap, PerCpuArray},
 };
 use weft_common::maps::{
     Counter, DatapathConfig, MAX_MACS, MAX_PEERS, MacEntry, MacKey, PeerEntry, PeerStats,
@@ -27,32 +24,21 @@ pub static PEERS: Array<PeerEntry> = Array::pinned(MAX_PEERS, 0);
 #[map(name = "WEFT_FLOOD")]
 pub static FLOOD: Array<u32> = Array::pinned(MAX_PEERS, 0);
 
-/// `weft_encap` itself at slot 0, for continuing long floods in a tail call.
-#[map(name = "WEFT_JUMP")]
-pub static JUMP: ProgramArray = ProgramArray::pinned(1, 0);
-
-/// What `weft_encap` is in the middle of on this CPU: a flood continuing in a tail
-/// call, or a flood copy re-entering the program (per CPU, one entry).
+/// Whether `weft_encap` is sending a flood copy on this CPU right now (per CPU, one
+/// entry).
 ///
-/// Both are set just before control passes synchronously to the next run on the
-/// same CPU, with bottom halves disabled and nothing in between: a tail call jumps
-/// straight into it, and `bpf_clone_redirect` transmits the copy through the
-/// device's TC egress hook before it returns. So no other packet can see them.
+/// Set just before `bpf_clone_redirect`, which transmits the copy through the
+/// device's TC egress hook (this program again) synchronously on the same CPU with
+/// bottom halves disabled, and cleared when it returns: no other packet can see it.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct FloodState {
-    /// Nonzero while a tail call is continuing a flood.
-    pub active: u32,
-    /// Index in the flood list of the next peer to copy to.
-    pub next: u32,
     /// Nonzero while a flood copy is being sent (its own run must let it pass).
     pub copying: u32,
-    /// Padding, zero.
-    pub pad: u32,
 }
 
 // A pinned record: a change to it must bump `MAP_LAYOUT_VERSION`.
-const _: () = assert!(size_of::<FloodState>() == 16);
+const _: () = assert!(size_of::<FloodState>() == 4);
 
 /// Per-CPU [`FloodState`] (one entry).
 #[map(name = "WEFT_FLOOD_STATE")]
@@ -118,8 +104,8 @@ pub fn count_peer(short_id: u32, bytes: u32, tx: bool) {
 }
 
 /// This CPU's [`FloodState`], read and written only through volatile accesses:
-/// the compiler must not drop a store that only a helper call (a tail call, a clone
-/// that re-enters the program) is there to see.
+/// the compiler must not drop a store that only a helper call (a clone that
+/// re-enters the program) is there to see.
 #[derive(Clone, Copy)]
 pub struct Flood(*mut FloodState);
 
@@ -143,35 +129,5 @@ impl Flood {
     pub fn set_copying(self, on: bool) {
         // SAFETY: as in `copying`.
         unsafe { (&raw mut (*self.0).copying).write_volatile(u32::from(on)) }
-    }
-
-    /// Takes the position a tail-called run continues a flood at, if one is set.
-    #[inline(always)]
-    pub fn take_continuation(self) -> Option<u32> {
-        // SAFETY: as in `copying`.
-        unsafe {
-            if (&raw const (*self.0).active).read_volatile() == 0 {
-                return None;
-            }
-            (&raw mut (*self.0).active).write_volatile(0);
-            Some((&raw const (*self.0).next).read_volatile())
-        }
-    }
-
-    /// Sets where the next (tail-called) run continues the flood.
-    #[inline(always)]
-    pub fn set_continuation(self, next: u32) {
-        // SAFETY: as in `copying`.
-        unsafe {
-            (&raw mut (*self.0).next).write_volatile(next);
-            (&raw mut (*self.0).active).write_volatile(1);
-        }
-    }
-
-    /// Clears a continuation that was not taken (the tail call failed).
-    #[inline(always)]
-    pub fn clear_continuation(self) {
-        // SAFETY: as in `copying`.
-        unsafe { (&raw mut (*self.0).active).write_volatile(0) }
     }
 }

@@ -21,13 +21,13 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, ProgramArray},
+    maps::{Array, HashMap, Map, MapData},
     programs::SchedClassifier,
 };
 use weft_common::{
     maps::{
-        CONFIG_MAP, DatapathConfig, FLOOD_MAP, JUMP_MAP, MACS_MAP, MacEntry, MacKey, PEERS_MAP,
-        PeerEntry, programs,
+        CONFIG_MAP, DatapathConfig, FLOOD_MAP, MACS_MAP, MacEntry, MacKey, PEERS_MAP, PeerEntry,
+        programs,
     },
     wire::{VXLAN_PORT, ipv4_checksum},
 };
@@ -314,8 +314,7 @@ impl PacketTap {
 }
 
 /// Loads the eBPF object at `object` with its maps pinned under `pins` (a private
-/// directory: see [`TempPins`]) and both programs (verified, not attached), with the
-/// encapsulation program's jump table filled as the agent fills it.
+/// directory: see [`TempPins`]) and both programs (verified, not attached).
 pub fn load_datapath(object: &Path, pins: &Path) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins)
@@ -329,13 +328,6 @@ pub fn load_datapath(object: &Path, pins: &Path) -> Result<Ebpf> {
         prog.load()
             .map_err(|e| anyhow!("the verifier rejected {name}: {e:#?}"))?;
     }
-    let encap: &SchedClassifier = ebpf
-        .program(programs::EGRESS)
-        .context("no encapsulation program")?
-        .try_into()?;
-    let fd = encap.fd()?.try_clone()?;
-    let mut jump = ProgramArray::try_from(map_mut(&mut ebpf, JUMP_MAP)?)?;
-    jump.set(0, &fd, 0)?;
     Ok(ebpf)
 }
 

@@ -148,7 +148,7 @@ fn sigterm_leaves_the_datapath_forwarding_and_reset_removes_it() {
         "links/weft_encap",
         "links/weft_decap",
         "WEFT_MACS",
-        "WEFT_JUMP",
+        "WEFT_FLOOD_STATE",
     ] {
         assert_eq!(
             pinned.iter().filter(|p| p.ends_with(name)).count(),

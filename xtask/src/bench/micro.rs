@@ -200,8 +200,8 @@ pub struct MapScale {
     pub macs: u32,
     /// Time for those inserts.
     pub macs_time: Duration,
-    /// Time to walk the full MAC table (keys and values), as the agent's ageing
-    /// sweep does.
+    /// Time to walk the full MAC table (keys and values), as the agent does once
+    /// when a reload removes or moves a peer.
     pub macs_walk_time: Duration,
     /// Entries the walk found.
     pub macs_walked: u64,
@@ -401,8 +401,8 @@ impl AgentFootprint {
 }
 
 /// Starts the agent on a one-host testbed, first with 2 peers, then with
-/// [`SCALE_PEERS`] (in 10.200.0.0/16, reached through a default gateway, so the agent
-/// keeps one managed neighbour), and reads its memory; strips a copy of the binary.
+/// [`SCALE_PEERS`] (in 10.200.0.0/16, reached through a default gateway), and reads
+/// its memory; strips a copy of the binary.
 pub fn agent_footprint(agent: &Path) -> Result<AgentFootprint> {
     let mut tb = Testbed::with_tag(TAG)?;
     tb.add_host(0)?;

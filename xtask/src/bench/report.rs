@@ -454,7 +454,7 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "| walk all {} MACs (the agent's ageing sweep) | {:.1} ms |",
+                "| walk all {} MACs (once per reload that removes or moves a peer) | {:.1} ms |",
                 m.macs_walked,
                 m.macs_walk_time.as_secs_f64() * 1e3
             );
