@@ -58,6 +58,25 @@ fn assert_nothing_left(tb: &Bed, case: &str) {
     assert!(!tb.socket_path(1).exists(), "{case}: socket left behind");
 }
 
+/// Runs host 1's agent with its usual arguments and expects it to fail with a
+/// message containing `mention`.
+fn fails_naming(tb: &Bed, bin: &Path, mention: &str) {
+    let exit = tb
+        .run_agent_to_exit(
+            1,
+            bin,
+            &tb.agent_args(1).must("args"),
+            Duration::from_secs(10),
+        )
+        .must("the agent exits");
+    assert!(!exit.status.success(), "expected failure:\n{}", exit.output);
+    assert!(
+        exit.output.contains(mention),
+        "expected {mention:?} in:\n{}",
+        exit.output
+    );
+}
+
 /// How many agents' pin directories exist under the testbed's bpffs directory.
 fn pin_dirs(tb: &Bed) -> usize {
     std::fs::read_dir(tb.bpffs_dir().join("weft"))
@@ -120,20 +139,7 @@ fn foreign_device_of_weft_name_is_left_alone() {
     tb.write_peers(1, &[1, 2]).must("peers");
     let ns = tb.host(1).must("host").ns.clone();
     add_foreign_vxlan(&ns, "weft-vxlan", "9", "4789");
-    let exit = tb
-        .run_agent_to_exit(
-            1,
-            &bin,
-            &tb.agent_args(1).must("args"),
-            Duration::from_secs(10),
-        )
-        .must("the agent exits");
-    assert!(!exit.status.success(), "expected failure:\n{}", exit.output);
-    assert!(
-        exit.output.contains("not created by weft"),
-        "names the problem:\n{}",
-        exit.output
-    );
+    fails_naming(&tb, &bin, "not created by weft");
     let link = ns_exec(&ns, &["ip", "-d", "link", "show", "weft-vxlan"])
         .must("the foreign device still exists");
     assert!(link.contains("id 9"), "untouched:\n{link}");
@@ -383,20 +389,7 @@ fn failure_pinning_the_last_link_rolls_everything_back() {
     let root = tb.bpffs_dir().join("weft").join(format!("netns-{cookie}"));
     let blocker = root.join("links").join(programs::INGRESS);
     std::fs::create_dir_all(&blocker).unwrap_or_else(|e| panic!("{}: {e}", blocker.display()));
-    let exit = tb
-        .run_agent_to_exit(
-            1,
-            &bin,
-            &tb.agent_args(1).must("args"),
-            Duration::from_secs(10),
-        )
-        .must("the agent exits");
-    assert!(!exit.status.success(), "expected failure:\n{}", exit.output);
-    assert!(
-        exit.output.contains("pinning the link of weft_decap"),
-        "names the failed step:\n{}",
-        exit.output
-    );
+    fails_naming(&tb, &bin, "pinning the link of weft_decap");
     let left = links_with_prefix(&ns, "weft-").must("ip link");
     assert!(
         left.is_empty(),
