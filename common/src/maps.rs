@@ -33,7 +33,7 @@ pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
 /// pins the maps under a directory named after it, so an agent of another layout
 /// never opens maps it would misread: it creates its own and swaps the programs
 /// over atomically. Bump it whenever a record or a map definition changes.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// Programs' names in the eBPF object. Both run on weft's metadata-mode VXLAN
 /// device, a port of the bridge.
@@ -141,12 +141,9 @@ impl PeerStats {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Frames on weft's device that are not weft's to judge (none today; kept so
-    /// counter indexes stay stable).
-    PassNotOverlay = 0,
     /// VXLAN frames decapsulated (by the kernel's VXLAN socket, after GRO) and
     /// delivered into the bridge.
-    RxDelivered,
+    RxDelivered = 0,
     /// Frames encapsulated to one peer (unicast).
     TxUnicast,
     /// Frames flooded (broadcast, multicast, unknown or stale unicast).
@@ -184,7 +181,6 @@ impl Counter {
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
-        Counter::PassNotOverlay,
         Counter::RxDelivered,
         Counter::TxUnicast,
         Counter::TxFlood,
@@ -204,7 +200,6 @@ impl Counter {
     /// A stable snake_case name (status output, metrics).
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::PassNotOverlay => "pass_not_overlay",
             Counter::RxDelivered => "rx_delivered",
             Counter::TxUnicast => "tx_unicast",
             Counter::TxFlood => "tx_flood",
