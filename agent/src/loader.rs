@@ -19,7 +19,6 @@
 
 use std::{
     io,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -33,7 +32,10 @@ use aya::{
     },
     util::KernelVersion,
 };
-use weft_common::maps::{MAP_LAYOUT_VERSION, programs};
+use weft_common::{
+    maps::{MAP_LAYOUT_VERSION, programs},
+    netns,
+};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 #[cfg(not(weft_no_ebpf))]
@@ -153,7 +155,7 @@ impl PinDir {
         Ok(Self::at(
             bpffs
                 .join("weft")
-                .join(format!("netns-{}", netns_cookie()?)),
+                .join(netns::pin_dir_name(netns::cookie()?)),
         ))
     }
 
@@ -257,29 +259,6 @@ impl PinDir {
             }
         }
     }
-}
-
-/// The cookie of the calling thread's network namespace.
-fn netns_cookie() -> io::Result<u64> {
-    // Any socket will do; the wildcard address binds even with loopback down.
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` (8) bytes into `cookie`, a live u64,
-    // and updates `len`; the socket fd is open for the whole call.
-    let ret = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 /// Loads the embedded object (or the object file `object`) with its maps under

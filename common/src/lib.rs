@@ -5,7 +5,11 @@
 //!   Weave Net's fast datapath writes it) and helpers to build and read them.
 //! - [`maps`]: the `#[repr(C)]` records stored in the BPF maps, the map names, and
 //!   their sizes.
-#![no_std]
+//! - `netns` (user side only, feature `user`): the network namespace cookie that
+//!   names an agent's pin directory, for the agent and the tests alike.
+#![cfg_attr(not(feature = "user"), no_std)]
 
 pub mod maps;
+#[cfg(feature = "user")]
+pub mod netns;
 pub mod wire;

@@ -36,24 +36,7 @@ fn enter(path: &str) -> Result<()> {
 pub fn cookie(ns: &str) -> Result<u64> {
     join(
         spawn_in(ns, || {
-            let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("a UDP socket")?;
-            let mut cookie: u64 = 0;
-            let mut len = size_of::<u64>() as libc::socklen_t;
-            // SAFETY: getsockopt writes at most `len` (8) bytes into `cookie`, a live
-            // u64; the socket stays open for the call.
-            let rc = unsafe {
-                libc::getsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_NETNS_COOKIE,
-                    (&raw mut cookie).cast(),
-                    &mut len,
-                )
-            };
-            if rc != 0 {
-                bail!("SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
-            }
-            Ok(cookie)
+            weft_common::netns::cookie().context("SO_NETNS_COOKIE")
         }),
         "netns cookie",
     )

@@ -386,7 +386,10 @@ fn failure_pinning_the_last_link_rolls_everything_back() {
     tb.write_peers(1, &[1, 2]).must("peers");
     let ns = tb.host(1).must("host").ns.clone();
     let cookie = weft_testbed::netns::cookie(&ns).must("netns cookie");
-    let root = tb.bpffs_dir().join("weft").join(format!("netns-{cookie}"));
+    let root = tb
+        .bpffs_dir()
+        .join("weft")
+        .join(weft_common::netns::pin_dir_name(cookie));
     let blocker = root.join("links").join(programs::INGRESS);
     std::fs::create_dir_all(&blocker).unwrap_or_else(|e| panic!("{}: {e}", blocker.display()));
     fails_naming(&tb, &bin, "pinning the link of weft_decap");
