@@ -1,0 +1,2 @@
+//! Weave's sleeve overlay (UDP 6783): frames between peers in UDP datagrams, plain or
+//! sealed with the connection's session key, with heartbeats and path-MTU discovery.
