@@ -331,6 +331,7 @@ async fn setup(
         vxlan_ifindex: vxlan.index,
         mtu: args.mtu,
         mac_age_secs: DEFAULT_MAC_AGE_SECS,
+        sleeve_ifindex: 0,
     };
     let (mut datapath, adopted) = Datapath::adopt(BpfMaps::take(ebpf)?)?;
     // Maps first, then programs: the programs never run unconfigured.
@@ -370,6 +371,7 @@ fn remote_peers(remotes: &[Peer]) -> Vec<RemotePeer> {
         .map(|p| RemotePeer {
             short_id: p.short_id,
             addr: p.address,
+            sleeve: false,
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use weft_common::maps::{Counter, DatapathConfig, PeerEntry, PeerStats};
+use weft_common::maps::{Counter, DatapathConfig, PEER_SLEEVE, PeerEntry, PeerStats};
 
 use crate::maps::{DatapathMaps, MapsError};
 
@@ -29,6 +29,8 @@ pub struct LocalSettings {
     pub mtu: u16,
     /// Seconds before a learned MAC is forgotten.
     pub mac_age_secs: u32,
+    /// ifindex of the sleeve's TAP device, 0 without a sleeve.
+    pub sleeve_ifindex: u32,
 }
 
 /// A remote peer as the datapath needs it.
@@ -38,6 +40,8 @@ pub struct RemotePeer {
     pub short_id: u16,
     /// The peer's underlay address.
     pub addr: Ipv4Addr,
+    /// Whether the sleeve carries this peer (else the fast datapath does).
+    pub sleeve: bool,
 }
 
 /// What one [`Datapath::apply`] changed.
@@ -88,6 +92,7 @@ impl<M: DatapathMaps> Datapath<M> {
                 vxlan_ifindex: cfg.vxlan_ifindex,
                 mtu: cfg.mtu,
                 mac_age_secs: cfg.mac_age_secs,
+                sleeve_ifindex: cfg.sleeve_ifindex,
             });
         }
         let n = dp.peers.len();
@@ -108,12 +113,13 @@ impl<M: DatapathMaps> Datapath<M> {
             .map(|p| {
                 let entry = PeerEntry {
                     addr: p.addr.octets(),
-                    flags: 0,
+                    flags: if p.sleeve { PEER_SLEEVE } else { 0 },
                 };
                 (p.short_id, entry)
             })
             .collect();
         let mut report = ApplyReport::default();
+        let mut moved = Vec::new();
 
         // 1. New and changed peers first: nothing names them yet, or they keep working
         //    with either address while the entry is replaced.
@@ -122,7 +128,10 @@ impl<M: DatapathMaps> Datapath<M> {
                 Some(old) if old == entry => report.unchanged += 1,
                 old => {
                     self.maps.set_peer(id, entry)?;
-                    if old.is_some() {
+                    if let Some(old) = old {
+                        if old.addr != entry.addr {
+                            moved.push(id);
+                        }
                         report.changed.push(id);
                     } else {
                         report.added.push(id);
@@ -132,9 +141,14 @@ impl<M: DatapathMaps> Datapath<M> {
             }
         }
 
-        // 2. The flood list (every peer: ShortIDs are unique and below MAX_PEERS, so
-        //    it always fits) and the configuration that counts it.
-        let flood: Vec<u16> = desired.keys().copied().collect();
+        // 2. The flood list (every fast-datapath peer: ShortIDs are unique and below
+        //    MAX_PEERS, so it always fits; the agent floods to sleeve peers) and the
+        //    configuration that counts it.
+        let flood: Vec<u16> = desired
+            .iter()
+            .filter(|(_, e)| e.flags & PEER_SLEEVE == 0)
+            .map(|(&id, _)| id)
+            .collect();
         if flood != self.flood || self.local.as_ref() != Some(local) {
             let shrinking = flood.len() < self.flood.len();
             if shrinking {
@@ -161,11 +175,7 @@ impl<M: DatapathMaps> Datapath<M> {
             .filter(|id| !desired.contains_key(id))
             .copied()
             .collect();
-        let forget: BTreeSet<u32> = gone
-            .iter()
-            .chain(&report.changed)
-            .map(|&id| u32::from(id))
-            .collect();
+        let forget: BTreeSet<u32> = gone.iter().chain(&moved).map(|&id| u32::from(id)).collect();
         if !forget.is_empty() {
             for (key, entry) in self.maps.macs()? {
                 if forget.contains(&entry.short_id) {
@@ -192,6 +202,7 @@ impl<M: DatapathMaps> Datapath<M> {
             flood_count: flood_count as u16,
             pad: 0,
             mac_age_secs: local.mac_age_secs,
+            sleeve_ifindex: local.sleeve_ifindex,
         })
     }
 
@@ -236,6 +247,7 @@ mod tests {
             vxlan_ifindex: 7,
             mtu: 1376,
             mac_age_secs: 300,
+            sleeve_ifindex: 0,
         }
     }
 
@@ -243,7 +255,40 @@ mod tests {
         RemotePeer {
             short_id: id,
             addr: Ipv4Addr::new(192, 168, 48, last),
+            sleeve: false,
         }
+    }
+
+    #[test]
+    fn sleeve_peers_are_left_out_of_the_flood_list_and_keep_their_macs() {
+        let mut dp = Datapath::new(FakeMaps::default());
+        dp.apply(&local(), &[peer(2, 12), peer(3, 13)]).unwrap();
+        let seen = MacEntry {
+            short_id: 3,
+            pad: 0,
+            seen_ns: 1,
+        };
+        dp.maps_mut()
+            .macs
+            .insert(MacKey::new([2, 0, 0, 0, 0, 3]), seen);
+        let sleeve3 = RemotePeer {
+            sleeve: true,
+            ..peer(3, 13)
+        };
+        let r = dp.apply(&local(), &[peer(2, 12), sleeve3]).unwrap();
+        assert_eq!(r.changed, vec![3]);
+        let m = dp.maps();
+        assert_eq!(m.peers[&3].flags, PEER_SLEEVE);
+        assert_eq!(m.config.unwrap().flood_count, 1);
+        assert_eq!(m.flood.get(&0), Some(&2));
+        // Same host, other overlay: its pods' MACs still steer unicast (now to the
+        // sleeve).
+        assert_eq!(m.macs.len(), 1);
+        // And back to the fast datapath.
+        let r = dp.apply(&local(), &[peer(2, 12), peer(3, 13)]).unwrap();
+        assert_eq!(r.changed, vec![3]);
+        assert_eq!(dp.maps().config.unwrap().flood_count, 2);
+        assert_eq!(dp.maps().peers[&3].flags, 0);
     }
 
     #[test]

@@ -395,9 +395,6 @@ address = "192.168.48.13"
         PeersFile::parse(text).unwrap_err().to_string()
     }
 
-
-
-
     #[test]
     fn good_file_parses_and_splits() {
         let file = PeersFile::parse(GOOD).unwrap();

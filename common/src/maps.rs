@@ -33,7 +33,7 @@ pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
 /// pins the maps under a directory named after it, so an agent of another layout
 /// never opens maps it would misread: it creates its own and swaps the programs
 /// over atomically. Bump it whenever a record or a map definition changes.
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 /// Programs' names in the eBPF object. Both run on weft's metadata-mode VXLAN
 /// device, a port of the bridge.
@@ -68,6 +68,11 @@ pub struct DatapathConfig {
     pub pad: u16,
     /// Seconds after which a learned MAC no longer steers unicast (then it floods).
     pub mac_age_secs: u32,
+    /// ifindex of the sleeve's TAP device (a port of the bridge, read by the agent),
+    /// or 0 when there is no sleeve (static peers): unicast frames to a peer marked
+    /// [`PEER_SLEEVE`] are redirected out of it, and fast-datapath heartbeats
+    /// received from peers are handed to the agent through it.
+    pub sleeve_ifindex: u32,
 }
 
 /// One remote peer (map [`PEERS_MAP`], index = ShortID).
@@ -77,9 +82,15 @@ pub struct PeerEntry {
     /// The peer's underlay address: outer destination towards it, and the only outer
     /// source accepted from it. 0.0.0.0 marks an empty slot.
     pub addr: [u8; 4],
-    /// Reserved for per-peer flags (encryption, overlay in use); zero for now.
+    /// Per-peer flags: [`PEER_SLEEVE`].
     pub flags: u32,
 }
+
+/// [`PeerEntry::flags`]: the peer is reached through the sleeve (the agent's UDP
+/// tunnel) rather than the fast datapath: unicast frames to it are redirected to the
+/// sleeve's TAP device, and it is left out of the flood list (the bridge floods to
+/// the TAP device too, and the agent floods to sleeve peers).
+pub const PEER_SLEEVE: u32 = 1;
 
 /// Key of the learned MAC table: an Ethernet address padded to 8 bytes.
 #[repr(C)]
@@ -173,11 +184,18 @@ pub enum Counter {
     /// ICMP "fragmentation needed" / ICMPv6 "packet too big" that the VXLAN driver
     /// made for a local pod whose frame did not fit the path to a peer, delivered.
     RxPmtuReply,
+    /// Unicast frames to a sleeve-carried peer, redirected to the sleeve's TAP device.
+    TxSleeve,
+    /// Dropped: a unicast frame to a sleeve-carried peer while there is no sleeve.
+    DropNoSleeve,
+    /// Fast-datapath heartbeats (frames with an all-zero Ethernet header) from a known
+    /// peer, handed to the agent through the sleeve's TAP device.
+    RxHeartbeat,
 }
 
 impl Counter {
     /// Number of counters (size of the counters map).
-    pub const COUNT: u32 = Counter::RxPmtuReply as u32 + 1;
+    pub const COUNT: u32 = Counter::RxHeartbeat as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -195,6 +213,9 @@ impl Counter {
         Counter::FloodCopyFailed,
         Counter::DropNotConfigured,
         Counter::RxPmtuReply,
+        Counter::TxSleeve,
+        Counter::DropNoSleeve,
+        Counter::RxHeartbeat,
     ];
 
     /// A stable snake_case name (status output, metrics).
@@ -214,6 +235,9 @@ impl Counter {
             Counter::FloodCopyFailed => "flood_copy_failed",
             Counter::DropNotConfigured => "drop_not_configured",
             Counter::RxPmtuReply => "rx_pmtu_reply",
+            Counter::TxSleeve => "tx_sleeve",
+            Counter::DropNoSleeve => "drop_no_sleeve",
+            Counter::RxHeartbeat => "rx_heartbeat",
         }
     }
 }
@@ -243,7 +267,7 @@ mod tests {
     #[test]
     fn records_have_no_implicit_padding() {
         // A change here changes the pinned maps: bump MAP_LAYOUT_VERSION with it.
-        assert_eq!(size_of::<DatapathConfig>(), 24);
+        assert_eq!(size_of::<DatapathConfig>(), 28);
         assert_eq!(size_of::<PeerEntry>(), 8);
         assert_eq!(size_of::<MacKey>(), 8);
         assert_eq!(size_of::<MacEntry>(), 16);

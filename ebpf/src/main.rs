@@ -40,13 +40,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    maps::{Counter, DatapathConfig, MAX_PEERS},
+    maps::{Counter, DatapathConfig, MAX_PEERS, PEER_SLEEVE},
     wire::{ETH_LEN, MAX_INNER_FRAME, vni_dst, vni_src},
 };
 
 use crate::{
     maps::{FLOOD, Flood, config, count, count_peer, peer},
-    packet::{learn_mac, lookup_mac, read_at, set_tunnel_key, skb, tunnel_key},
+    packet::{learn_mac, lookup_mac, read_at, redirect_out, set_tunnel_key, skb, tunnel_key},
 };
 
 /// Chooses the peer(s) of a frame the bridge sends towards other hosts.
@@ -88,6 +88,14 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
         None
     };
     match unicast {
+        Some((_, peer)) if peer.flags & PEER_SLEEVE != 0 => {
+            // The agent's sleeve carries this peer: hand the frame to it.
+            if cfg.sleeve_ifindex == 0 {
+                return Err(Counter::DropNoSleeve);
+            }
+            count(Counter::TxSleeve);
+            Ok(redirect_out(cfg.sleeve_ifindex))
+        }
         Some((short_id, peer)) => {
             set_tunnel_key(ctx, &cfg, short_id, &peer)?;
             count_peer(short_id, len, true);
@@ -222,10 +230,29 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
         Some(mac) => mac,
         None => ctx.load(6).map_err(|_| Counter::DropTruncated)?,
     };
+    if src_mac == [0; 6] {
+        return heartbeat(ctx, &cfg, src);
+    }
     learn_mac(&src_mac, src);
     count_peer(src, ctx.len(), false);
     count(Counter::RxDelivered);
     Ok(TC_ACT_OK)
+}
+
+/// A frame from a known peer whose source MAC is all zero: Weave's fast-datapath
+/// heartbeat (an all-zero Ethernet header, then the connection's UID and the frame's
+/// length, padded to the MTU). The agent checks and acknowledges it, so it goes to
+/// the agent through the sleeve's TAP device, never into the bridge.
+#[inline(always)]
+fn heartbeat(ctx: &TcContext, cfg: &DatapathConfig, src: u32) -> Result<i32, Counter> {
+    let header: [u8; 8] = ctx.load(6).map_err(|_| Counter::DropTruncated)?;
+    if header != [0; 8] || cfg.sleeve_ifindex == 0 {
+        // A zero source with a destination or type: not Weave's heartbeat.
+        return Err(Counter::DropTruncated);
+    }
+    count_peer(src, ctx.len(), false);
+    count(Counter::RxHeartbeat);
+    Ok(redirect_out(cfg.sleeve_ifindex))
 }
 
 /// A frame the kernel turned around: when a frame to a peer does not fit the path

@@ -6,7 +6,9 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, BPF_F_DONT_FRAGMENT, BPF_F_ZERO_CSUM_TX, bpf_tunnel_key},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    helpers::{
+        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+    },
     programs::TcContext,
 };
 use weft_common::{
@@ -131,4 +133,12 @@ pub fn learn_mac(mac: &[u8; 6], short_id: u32) {
         },
         0,
     );
+}
+
+/// Sends the frame out of device `ifindex` once the program returns: the
+/// `TC_ACT_REDIRECT` verdict, or `TC_ACT_SHOT` if the device is not usable.
+#[inline(always)]
+pub fn redirect_out(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; it only records the target for the verdict.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

@@ -349,13 +349,19 @@ pub fn config(vxlan: u32, flood_count: u16) -> DatapathConfig {
         flood_count,
         pad: 0,
         mac_age_secs: 300,
+        sleeve_ifindex: 0,
     }
 }
 
 /// Writes peer `id` at `addr`.
 pub fn set_peer(ebpf: &mut Ebpf, id: u32, addr: [u8; 4]) -> Result<()> {
+    set_peer_flags(ebpf, id, addr, 0)
+}
+
+/// Writes peer `id` at `addr` with `flags` (`weft_common::maps::PEER_SLEEVE`).
+pub fn set_peer_flags(ebpf: &mut Ebpf, id: u32, addr: [u8; 4], flags: u32) -> Result<()> {
     let mut peers: Array<&mut MapData, PeerEntry> = Array::try_from(map_mut(ebpf, PEERS_MAP)?)?;
-    peers.set(id, &PeerEntry { addr, flags: 0 }, 0)?;
+    peers.set(id, &PeerEntry { addr, flags }, 0)?;
     Ok(())
 }
 

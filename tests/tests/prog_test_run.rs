@@ -24,18 +24,19 @@ use aya::{
 use weft_common::{
     maps::{
         CONFIG_MAP, COUNTERS_MAP, Counter, DatapathConfig, FLOOD_MAP, MACS_MAP, MAX_PEERS,
-        MacEntry, MacKey, PEER_STATS_MAP, PeerStats, programs,
+        MacEntry, MacKey, PEER_SLEEVE, PEER_STATS_MAP, PeerStats, programs,
     },
     wire::{SRC_PORT_MAX, SRC_PORT_MIN, VXLAN_PORT, Vxlan, vni},
 };
 use weft_testbed::synthetic::{
     self, GATEWAY_MAC, LOCAL, PEER2, PEER2_MAC, POD_LOCAL, POD_REMOTE, PacketTap, TempPins,
     UL0_MAC, arp_request, fill_scene, inner_frame, learn, load_datapath, private_underlay,
-    set_peer,
+    set_peer, set_peer_flags,
 };
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 /// How long flood copies may take to reach the tap (they leave synchronously; the
 /// veth hands them over in a softirq).
@@ -171,6 +172,33 @@ fn encap_unicast_to_a_learned_mac_sets_the_key_and_lets_the_driver_send() {
     let s = f.peer_stats(2);
     assert_eq!((s.tx_packets, s.tx_bytes), (1, inner.len() as u64));
     assert_eq!(f.peer_stats(3).tx_packets, 0);
+}
+
+#[test]
+fn encap_unicast_to_a_sleeve_peer_goes_to_the_sleeve_device() {
+    let mut f = Fixture::new();
+    set_peer_flags(&mut f.ebpf, 2, PEER2, PEER_SLEEVE).unwrap();
+    f.learn(POD_REMOTE, 2);
+    let inner = inner_frame(POD_REMOTE, POD_LOCAL, 100);
+    // No sleeve device configured: dropped and counted, never sent in the clear
+    // over the fast path.
+    assert_eq!(f.run(programs::EGRESS, &inner).0, TC_ACT_SHOT);
+    assert_eq!(f.counter(Counter::DropNoSleeve), 1);
+    assert_eq!(f.counter(Counter::TxUnicast), 0);
+    // With one (any device stands in for the TAP here): redirected to it.
+    let mut cfg = synthetic::config(f.vxlan, 2);
+    cfg.sleeve_ifindex = f.vxlan;
+    f.set_config(&cfg);
+    let (action, out) = f.run(programs::EGRESS, &inner);
+    assert_eq!(action, TC_ACT_REDIRECT, "handed to the sleeve device");
+    assert_eq!(out, inner);
+    assert_eq!(f.counter(Counter::TxSleeve), 1);
+    assert_eq!(f.counter(Counter::TxUnicast), 0);
+    assert_eq!(f.peer_stats(2).tx_packets, 0, "the sleeve counts its own");
+    // A fast-datapath peer is unaffected.
+    f.learn(POD_REMOTE, 3);
+    assert_eq!(f.run(programs::EGRESS, &inner).0, TC_ACT_OK);
+    assert_eq!(f.counter(Counter::TxUnicast), 1);
 }
 
 #[test]
