@@ -110,9 +110,12 @@ type Shared = Arc<Mutex<State>>;
 /// `weft run`: sets up (or adopts) the datapath and runs the agent until SIGINT or
 /// SIGTERM, which leave the datapath forwarding.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (Some(peers_file), Some(name)) = (&args.peers_file, &args.name) else {
+        bail!("joining a Weave mesh (weft run without --peers-file) is not implemented yet");
+    };
     // 1. Everything that can be checked without changing the system.
-    let peers = PeersFile::load(&args.peers_file)?;
-    let (me, remotes) = peers.split(&args.name)?;
+    let peers = PeersFile::load(peers_file)?;
+    let (me, remotes) = peers.split(name)?;
     let net = Netdev::connect()?;
     let underlay_name = match &args.iface {
         Some(name) => name.clone(),
@@ -274,8 +277,7 @@ async fn serve(
         port: args.port,
         datapath,
     }));
-    let snapshot_state = state.clone();
-    let server = tokio::spawn(socket.serve(move || snapshot(&snapshot_state)));
+    let server = tokio::spawn(socket.serve(StaticHandler(state.clone())));
 
     loop {
         let sig = tokio::select! {
@@ -378,8 +380,11 @@ fn remote_peers(remotes: &[Peer]) -> Vec<RemotePeer> {
 
 /// SIGHUP: re-reads the peers file and applies the difference.
 fn reload(args: &RunArgs, state: &Shared) -> anyhow::Result<()> {
-    let peers = PeersFile::load(&args.peers_file)?;
-    let (me, remotes) = peers.split(&args.name)?;
+    let (Some(peers_file), Some(name)) = (&args.peers_file, &args.name) else {
+        bail!("no peers file to reload");
+    };
+    let peers = PeersFile::load(peers_file)?;
+    let (me, remotes) = peers.split(name)?;
     let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
     let settings = LocalSettings {
         short_id: me.short_id,
@@ -398,6 +403,23 @@ fn reload(args: &RunArgs, state: &Shared) -> anyhow::Result<()> {
     s.me = me;
     s.remotes = remotes;
     Ok(())
+}
+
+/// Control requests in static mode: status only (there is no mesh to connect to).
+struct StaticHandler(Shared);
+
+impl control::Handler for StaticHandler {
+    fn status(&self) -> Status {
+        snapshot(&self.0)
+    }
+
+    fn connect(&self, _: Vec<String>) -> Result<(), String> {
+        Err("this agent runs with a static peers file: edit it and send SIGHUP".to_owned())
+    }
+
+    fn forget(&self, peers: Vec<String>) -> Result<(), String> {
+        self.connect(peers)
+    }
 }
 
 /// The status the control socket serves. It reads one counter slot per peer and

@@ -1,13 +1,19 @@
 //! Command-line interface of the `weft` binary.
 //!
 //! ```text
-//! weft run [--iface IFACE] --name PEERNAME --peers-file FILE [--mtu N] [--bridge NAME]
-//!          [--port N] [--socket PATH] [--bpffs PATH]
+//! weft run [--name PEERNAME] [--nickname NICK] [--password-file FILE] [--no-fastdp]
+//!          [--iface IFACE] [--mtu N] [--bridge NAME] [--port N] [--socket PATH]
+//!          [--http-addr ADDR] [--status-addr ADDR] [--bpffs PATH] [PEER...]
+//! weft run --name PEERNAME --peers-file FILE [...]          (static peers, no mesh)
+//! weft connect PEER... | weft forget PEER...               (the running agent's targets)
 //! weft status [connections|peers] [--json] [--socket PATH]
 //! weft reset [--bridge NAME] [--socket PATH] [--bpffs PATH]
 //! ```
+//!
+//! As with `weave launch`, a PEER is `host[:port]` (port 6783 by default) and the
+//! password comes from `WEAVE_PASSWORD` unless `--password-file` is given.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use weft_common::wire::{CONTROL_PORT, DEFAULT_MTU};
@@ -41,6 +47,11 @@ pub enum Command {
     Run(RunArgs),
     /// Show the running agent's status.
     Status(StatusArgs),
+    /// Add peers for the running agent to connect to (Weave's `weave connect`).
+    Connect(TargetsArgs),
+    /// Remove peers from the running agent's targets (Weave's `weave forget`); open
+    /// connections stay until they break.
+    Forget(TargetsArgs),
     /// Remove everything weft set up in this network namespace (programs, maps,
     /// devices), as `weave reset` does. The agent must be stopped first.
     Reset(ResetArgs),
@@ -52,12 +63,40 @@ pub struct RunArgs {
     /// Underlay interface carrying VXLAN [default: the interface of the default route].
     #[arg(long, value_name = "IFACE", value_parser = parse_ifname)]
     pub iface: Option<String>,
-    /// This host's peer name, as listed in the peers file (like aa:00:00:00:00:01).
+    /// Peers to connect to, `host[:port]` (port 6783 by default); more are found
+    /// through the mesh's gossip.
+    #[arg(value_name = "PEER", value_parser = parse_target)]
+    pub peers: Vec<String>,
+    /// This host's peer name (like aa:00:00:00:00:01) [default: the bridge's MAC if
+    /// the bridge exists, else derived from the machine id as Weave derives it].
     #[arg(long, value_name = "PEERNAME")]
-    pub name: PeerName,
-    /// The peers file (TOML, one [[peer]] entry per host, this one included).
+    pub name: Option<PeerName>,
+    /// This host's nickname, shown in status [default: the host name].
+    #[arg(long, value_name = "NICK")]
+    pub nickname: Option<String>,
+    /// File holding the mesh password [default: the WEAVE_PASSWORD environment
+    /// variable]. With a password, control connections and the sleeve are encrypted;
+    /// the fast datapath is not (yet), so encrypted connections use the sleeve.
     #[arg(long, value_name = "FILE")]
-    pub peers_file: PathBuf,
+    pub password_file: Option<PathBuf>,
+    /// Never use the fast datapath: every connection uses the sleeve.
+    #[arg(long)]
+    pub no_fastdp: bool,
+    /// Most control connections at once (Weave's `--conn-limit`).
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub conn_limit: usize,
+    /// Weave's HTTP status endpoints (`/status`, `/status/connections`,
+    /// `/status/peers`, `/report`); an empty value turns them off.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6784", value_parser = parse_optional_addr)]
+    pub http_addr: Endpoint,
+    /// Status and Prometheus metrics (`/metrics`), as Weave's `--status-addr`; an
+    /// empty value turns it off.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:6782", value_parser = parse_optional_addr)]
+    pub status_addr: Endpoint,
+    /// Static mode: the peers file (TOML, one [[peer]] entry per host, this one
+    /// included) instead of a mesh; needs --name.
+    #[arg(long, value_name = "FILE", requires = "name", conflicts_with_all = ["peers", "password_file", "no_fastdp"])]
+    pub peers_file: Option<PathBuf>,
     /// Overlay MTU: the largest IP packet containers may send.
     #[arg(
         long,
@@ -88,6 +127,17 @@ pub struct RunArgs {
     /// (development, and tests of upgrades between different programs).
     #[arg(long, value_name = "FILE", hide = true)]
     pub ebpf_object: Option<PathBuf>,
+}
+
+/// Options of `weft connect` and `weft forget`.
+#[derive(Debug, Args)]
+pub struct TargetsArgs {
+    /// Peers, `host[:port]` (port 6783 by default).
+    #[arg(value_name = "PEER", required = true, value_parser = parse_target)]
+    pub peers: Vec<String>,
+    /// Control socket of the running agent.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
 }
 
 /// Options of `weft reset`.
@@ -125,6 +175,41 @@ pub enum StatusWhat {
     Connections,
     /// This peer and its connections.
     Peers,
+}
+
+/// Accepts a peer address as Weave does: `host`, `host:port`, `[v6]:port`; the host
+/// is resolved when it is dialled.
+pub fn parse_target(s: &str) -> Result<String, String> {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || (h.starts_with('[') && h.ends_with(']')) => {
+            (h, Some(p))
+        }
+        _ => (s, None),
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(format!("{s:?} is not a peer address (host[:port])"));
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(format!("{s:?}: {port:?} is not a port (1..65535)")),
+        }
+    }
+    Ok(s.to_owned())
+}
+
+/// A listening address, or none (the endpoint is turned off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint(pub Option<SocketAddr>);
+
+/// An address, or none for an empty string.
+fn parse_optional_addr(s: &str) -> Result<Endpoint, String> {
+    if s.is_empty() {
+        return Ok(Endpoint(None));
+    }
+    s.parse()
+        .map(|a| Endpoint(Some(a)))
+        .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:6784"))
 }
 
 /// Accepts a valid Linux interface name: 1 to 15 bytes, not `.` or `..`, without `/`,
@@ -194,8 +279,8 @@ mod tests {
     fn run_defaults() {
         let r = run(&[]).unwrap();
         assert_eq!(r.iface, None);
-        assert_eq!(r.name, NAME.parse().unwrap());
-        assert_eq!(r.peers_file, PathBuf::from("/etc/weft/peers.toml"));
+        assert_eq!(r.name, Some(NAME.parse().unwrap()));
+        assert_eq!(r.peers_file, Some(PathBuf::from("/etc/weft/peers.toml")));
         assert_eq!(r.mtu, 1376);
         assert_eq!(r.bridge, "weave");
         assert_eq!(r.port, 6783);
@@ -236,14 +321,72 @@ mod tests {
         );
     }
 
+    fn mesh(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let args = ["weft", "run"].iter().chain(args);
+        match Cli::try_parse_from(args)?.command {
+            Command::Run(r) => Ok(r),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
     #[test]
-    fn run_requires_name_and_peers_file() {
+    fn static_mode_requires_name_and_excludes_mesh_options() {
         let e = Cli::try_parse_from(["weft", "run", "--peers-file", "p"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
         assert!(e.to_string().contains("--name <PEERNAME>"), "{e}");
-        let e = Cli::try_parse_from(["weft", "run", "--name", NAME]).unwrap_err();
+        let e = run(&["192.168.48.12"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ArgumentConflict, "{e}");
+        let e = run(&["--no-fastdp"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ArgumentConflict, "{e}");
+    }
+
+    #[test]
+    fn mesh_mode_takes_peers_as_weave_does() {
+        let r = mesh(&[]).unwrap();
+        assert_eq!(r.name, None);
+        assert_eq!(r.peers_file, None);
+        assert!(r.peers.is_empty());
+        assert!(!r.no_fastdp);
+        assert_eq!(r.conn_limit, 200);
+        assert_eq!(r.http_addr.0, Some("127.0.0.1:6784".parse().unwrap()));
+        assert_eq!(r.status_addr.0, Some("0.0.0.0:6782".parse().unwrap()));
+        let r = mesh(&[
+            "--name",
+            NAME,
+            "--nickname",
+            "h1",
+            "--password-file",
+            "/etc/weft/pw",
+            "--no-fastdp",
+            "--http-addr",
+            "",
+            "192.168.48.12",
+            "host3:7000",
+            "[fd00::3]:6783",
+        ])
+        .unwrap();
+        assert_eq!(r.nickname.as_deref(), Some("h1"));
+        assert_eq!(r.password_file, Some(PathBuf::from("/etc/weft/pw")));
+        assert!(r.no_fastdp);
+        assert_eq!(r.http_addr.0, None);
+        assert_eq!(r.peers, ["192.168.48.12", "host3:7000", "[fd00::3]:6783"]);
+        for bad in ["host:0", "host:99999", "host:x", ":6783", "a b", "a/b"] {
+            let e = mesh(&[bad]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{bad}: {e}");
+        }
+        let e = mesh(&["--http-addr", "localhost"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn connect_and_forget_need_peers() {
+        let c = Cli::try_parse_from(["weft", "connect", "10.0.0.1", "h2:6783"]).unwrap();
+        match c.command {
+            Command::Connect(t) => assert_eq!(t.peers, ["10.0.0.1", "h2:6783"]),
+            other => panic!("parsed as {other:?}"),
+        }
+        let e = Cli::try_parse_from(["weft", "forget"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
-        assert!(e.to_string().contains("--peers-file <FILE>"), "{e}");
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! [`DEFAULT_SOCKET`] by default), used by `weft status`.
 //!
 //! Protocol: the client sends one request line, the agent answers one JSON line and
-//! closes. The only request is `status`, answered with the [`Status`] object; anything
-//! else is answered with `{"error": "..."}`.
+//! closes. Requests: `status`, answered with the [`Status`] object; `connect PEER...`
+//! and `forget PEER...` (the mesh's targets, as `weave connect`/`weave forget`),
+//! answered with `{"ok": true}`. Anything else, or a refused request, is answered
+//! with `{"error": "..."}`.
 
 use std::{
     io::ErrorKind,
@@ -42,6 +44,27 @@ const MAX_CLIENTS: usize = 16;
 
 /// The request asking for a [`Status`] snapshot.
 const STATUS_REQUEST: &str = "status";
+/// The request adding mesh targets.
+const CONNECT_REQUEST: &str = "connect";
+/// The request removing mesh targets.
+const FORGET_REQUEST: &str = "forget";
+
+/// What the agent does for control requests. Calls run on the runtime thread: keep
+/// them quick.
+pub trait Handler: Send + Sync + 'static {
+    /// The answer to `status`.
+    fn status(&self) -> Status;
+    /// `connect PEER...`: adds targets; `Err` is the refusal shown to the user.
+    fn connect(&self, peers: Vec<String>) -> Result<(), String>;
+    /// `forget PEER...`: removes targets.
+    fn forget(&self, peers: Vec<String>) -> Result<(), String>;
+}
+
+/// The success answer to `connect` and `forget`.
+#[derive(Debug, Serialize, Deserialize)]
+struct OkReply {
+    ok: bool,
+}
 
 /// What went wrong on the control socket. Every message is complete on its own (the OS
 /// error is part of it), so print errors with `{}`.
@@ -213,17 +236,14 @@ impl ControlSocket {
     /// own task, [`REQUEST_TIMEOUT`] to send a request of at most [`MAX_REQUEST`] bytes
     /// and [`WRITE_TIMEOUT`] to read the answer. Returns only if the socket cannot be
     /// registered with the runtime.
-    pub async fn serve<F>(self, snapshot: F) -> Result<(), ControlError>
-    where
-        F: Fn() -> Status + Send + Sync + 'static,
-    {
+    pub async fn serve<H: Handler>(self, handler: H) -> Result<(), ControlError> {
         let bind_err = |error| ControlError::Bind {
             path: self.path.clone(),
             error,
         };
         let std_listener = self.listener.try_clone().map_err(bind_err)?;
         let listener = UnixListener::from_std(std_listener).map_err(bind_err)?;
-        let snapshot = Arc::new(snapshot);
+        let handler = Arc::new(handler);
         let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -232,9 +252,9 @@ impl ControlSocket {
             };
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let snapshot = snapshot.clone();
+                    let handler = handler.clone();
                     tokio::spawn(async move {
-                        handle_client(stream, snapshot.as_ref()).await;
+                        handle_client(stream, handler.as_ref()).await;
                         drop(permit);
                     });
                 }
@@ -261,7 +281,7 @@ impl Drop for ControlSocket {
 
 /// Reads one request from a client and answers it. Never fails: problems are
 /// answered (when possible) and logged at debug level.
-async fn handle_client<F: Fn() -> Status>(stream: UnixStream, snapshot: &F) {
+async fn handle_client<H: Handler>(stream: UnixStream, handler: &H) {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
@@ -274,7 +294,7 @@ async fn handle_client<F: Fn() -> Status>(stream: UnixStream, snapshot: &F) {
         Ok(Ok(_)) if line.len() > MAX_REQUEST => {
             error_line(&format!("request longer than {MAX_REQUEST} bytes"))
         }
-        Ok(Ok(_)) => answer(&line, snapshot),
+        Ok(Ok(_)) => answer(&line, handler),
     };
     match timeout(WRITE_TIMEOUT, write.write_all(answer.as_bytes())).await {
         Ok(Ok(())) => {
@@ -286,16 +306,31 @@ async fn handle_client<F: Fn() -> Status>(stream: UnixStream, snapshot: &F) {
 }
 
 /// The answer line (newline included) to one request line.
-fn answer<F: Fn() -> Status>(line: &[u8], snapshot: &F) -> String {
+fn answer<H: Handler>(line: &[u8], handler: &H) -> String {
     let request = String::from_utf8_lossy(line);
-    let request = request.trim();
-    if request != STATUS_REQUEST {
-        let shown: String = request.chars().take(64).collect();
-        return error_line(&format!(
-            "unknown request {shown:?} (expected {STATUS_REQUEST:?})"
-        ));
+    let mut words = request.split_whitespace();
+    let verb = words.next().unwrap_or("");
+    let args: Vec<String> = words.map(str::to_owned).collect();
+    let done = match verb {
+        STATUS_REQUEST if args.is_empty() => None,
+        CONNECT_REQUEST if !args.is_empty() => Some(handler.connect(args)),
+        FORGET_REQUEST if !args.is_empty() => Some(handler.forget(args)),
+        _ => {
+            let shown: String = request.trim().chars().take(64).collect();
+            return error_line(&format!(
+                "unknown request {shown:?} (expected {STATUS_REQUEST:?}, \
+                 \"{CONNECT_REQUEST} PEER...\" or \"{FORGET_REQUEST} PEER...\")"
+            ));
+        }
+    };
+    match done {
+        Some(Ok(())) => {
+            return serde_json::to_string(&OkReply { ok: true }).unwrap_or_default() + "\n";
+        }
+        Some(Err(refused)) => return error_line(&refused),
+        None => {}
     }
-    match serde_json::to_string(&snapshot()) {
+    match serde_json::to_string(&handler.status()) {
         Ok(mut json) => {
             json.push('\n');
             json
@@ -317,7 +352,37 @@ fn error_line(message: &str) -> String {
 
 /// Asks the agent listening at `path` for its status (what `weft status` does).
 pub async fn query(path: &Path) -> Result<Status, ControlError> {
-    match timeout(QUERY_TIMEOUT, exchange(path, STATUS_REQUEST)).await {
+    let reply = request(path, STATUS_REQUEST).await?;
+    serde_json::from_slice(&reply).map_err(|e| ControlError::BadReply {
+        path: path.to_owned(),
+        reason: format!("not a status object: {e}"),
+    })
+}
+
+/// Asks the agent at `path` to add (`connect = true`) or remove mesh targets.
+pub async fn targets(path: &Path, connect: bool, peers: &[String]) -> Result<(), ControlError> {
+    let verb = if connect {
+        CONNECT_REQUEST
+    } else {
+        FORGET_REQUEST
+    };
+    let reply = request(path, &format!("{verb} {}", peers.join(" "))).await?;
+    match serde_json::from_slice::<OkReply>(&reply) {
+        Ok(OkReply { ok: true }) => Ok(()),
+        _ => Err(ControlError::BadReply {
+            path: path.to_owned(),
+            reason: String::from_utf8_lossy(&reply)
+                .trim()
+                .chars()
+                .take(200)
+                .collect(),
+        }),
+    }
+}
+
+/// One exchange with a deadline; returns the answer line unless it is an error.
+async fn request(path: &Path, request: &str) -> Result<Vec<u8>, ControlError> {
+    match timeout(QUERY_TIMEOUT, exchange(path, request)).await {
         Ok(result) => result,
         Err(_) => Err(ControlError::Timeout {
             path: path.to_owned(),
@@ -325,7 +390,7 @@ pub async fn query(path: &Path) -> Result<Status, ControlError> {
     }
 }
 
-async fn exchange(path: &Path, request: &str) -> Result<Status, ControlError> {
+async fn exchange(path: &Path, request: &str) -> Result<Vec<u8>, ControlError> {
     let io_err = |error| ControlError::Io {
         path: path.to_owned(),
         error,
@@ -372,7 +437,7 @@ async fn exchange(path: &Path, request: &str) -> Result<Status, ControlError> {
             message: message.to_owned(),
         });
     }
-    serde_json::from_value(value).map_err(|e| bad(format!("not a status object: {e}")))
+    Ok(reply)
 }
 
 #[cfg(test)]
@@ -380,6 +445,31 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    /// Serves [`sample`] and records the targets asked for.
+    #[derive(Default)]
+    struct Sample {
+        targets: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Handler for Sample {
+        fn status(&self) -> Status {
+            sample()
+        }
+
+        fn connect(&self, peers: Vec<String>) -> Result<(), String> {
+            if peers.iter().any(|p| p == "refused") {
+                return Err("refused: no such host".to_owned());
+            }
+            self.targets.lock().unwrap().extend(peers);
+            Ok(())
+        }
+
+        fn forget(&self, peers: Vec<String>) -> Result<(), String> {
+            self.targets.lock().unwrap().retain(|t| !peers.contains(t));
+            Ok(())
+        }
+    }
     use crate::status::tests::sample;
 
     fn temp_dir(tag: &str) -> PathBuf {
@@ -430,7 +520,7 @@ mod tests {
         assert_eq!(mode(&dir.join("sub")), 0o700);
 
         runtime().block_on(async {
-            let server = tokio::spawn(socket.serve(sample));
+            let server = tokio::spawn(socket.serve(Sample::default()));
             let status = query(&path).await.unwrap();
             assert_eq!(status, sample());
             // Several clients, one after another, each get the whole answer.
@@ -462,12 +552,18 @@ mod tests {
         let path = dir.join("weft.sock");
         let socket = bind(&path).unwrap();
         runtime().block_on(async {
-            let server = tokio::spawn(socket.serve(sample));
+            let server = tokio::spawn(socket.serve(Sample::default()));
             let text = raw(&path, b"reboot\n").await;
-            assert_eq!(
-                text,
-                "{\"error\":\"unknown request \\\"reboot\\\" (expected \\\"status\\\")\"}\n"
+            assert!(
+                text.starts_with(
+                    "{\"error\":\"unknown request \\\"reboot\\\" (expected \\\"status\\\""
+                ),
+                "{text}"
             );
+            let text = raw(&path, b"connect\n").await;
+            assert!(text.starts_with("{\"error\":\"unknown request"), "{text}");
+            let text = raw(&path, b"status now\n").await;
+            assert!(text.starts_with("{\"error\":\"unknown request"), "{text}");
             let text = raw(&path, &[b'x'; 5000]).await;
             assert_eq!(text, "{\"error\":\"request longer than 1024 bytes\"}\n");
             let text = raw(&path, b"\xff\xfe\n").await;
@@ -485,6 +581,28 @@ mod tests {
                 "{waited:?}"
             );
 
+            server.abort();
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn connect_and_forget_reach_the_handler() {
+        let dir = temp_dir("targets");
+        let path = dir.join("weft.sock");
+        let socket = bind(&path).unwrap();
+        runtime().block_on(async {
+            let server = tokio::spawn(socket.serve(Sample::default()));
+            let peers = ["10.0.0.2".to_owned(), "h3:6783".to_owned()];
+            targets(&path, true, &peers).await.unwrap();
+            targets(&path, false, &peers[..1]).await.unwrap();
+            let e = targets(&path, true, &["refused".to_owned()])
+                .await
+                .unwrap_err();
+            assert!(
+                e.to_string().ends_with("answered: refused: no such host"),
+                "{e}"
+            );
             server.abort();
         });
         std::fs::remove_dir_all(&dir).unwrap();
@@ -541,7 +659,7 @@ mod tests {
         assert!(path.exists());
         let socket = bind(&path).unwrap();
         runtime().block_on(async {
-            let server = tokio::spawn(socket.serve(sample));
+            let server = tokio::spawn(socket.serve(Sample::default()));
             assert_eq!(query(&path).await.unwrap(), sample());
             server.abort();
         });

@@ -72,6 +72,12 @@ fn main() -> ExitCode {
             Command::Run(args) => agent::run(args).await,
             Command::Status(args) => print_status(args).await,
             Command::Reset(args) => agent::reset(args).await,
+            Command::Connect(args) => control::targets(&args.socket, true, &args.peers)
+                .await
+                .map_err(Into::into),
+            Command::Forget(args) => control::targets(&args.socket, false, &args.peers)
+                .await
+                .map_err(Into::into),
         }
     });
     match result {
