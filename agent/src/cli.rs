@@ -44,7 +44,7 @@ pub enum Command {
     /// Run the agent in the foreground until SIGINT or SIGTERM (SIGHUP reloads the
     /// peers file). The datapath keeps forwarding after the agent stops; a new agent
     /// adopts it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the running agent's status.
     Status(StatusArgs),
     /// Add peers for the running agent to connect to (Weave's `weave connect`).
@@ -257,7 +257,7 @@ mod tests {
         ];
         args.extend_from_slice(extra);
         match Cli::try_parse_from(args)?.command {
-            Command::Run(r) => Ok(r),
+            Command::Run(r) => Ok(*r),
             other => panic!("parsed as {other:?}"),
         }
     }
@@ -324,7 +324,7 @@ mod tests {
     fn mesh(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let args = ["weft", "run"].iter().chain(args);
         match Cli::try_parse_from(args)?.command {
-            Command::Run(r) => Ok(r),
+            Command::Run(r) => Ok(*r),
             other => panic!("parsed as {other:?}"),
         }
     }

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => agent::run(args).await,
+            Command::Run(args) => agent::run(*args).await,
             Command::Status(args) => print_status(args).await,
             Command::Reset(args) => agent::reset(args).await,
             Command::Connect(args) => control::targets(&args.socket, true, &args.peers)
