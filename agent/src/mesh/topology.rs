@@ -5,7 +5,7 @@
 //! Pure data: no clock, no I/O. The [`router`](super::router) feeds it and decides
 //! what to send.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, btree_map::Entry};
 
 use super::{ConnectionSummary, MAX_SHORT_ID, PeerName, PeerSummary, PeerUpdate, ShortId};
 
@@ -213,34 +213,28 @@ impl Topology {
         let mut fresh: BTreeSet<PeerName> = BTreeSet::new();
         for u in updates {
             let name = u.summary.name;
-            if !self.peers.contains_key(&name) {
+            if let Entry::Vacant(slot) = self.peers.entry(name) {
                 fresh.insert(name);
-                self.peers.insert(
-                    name,
-                    PeerUpdate {
-                        summary: u.summary.clone(),
-                        connections: Vec::new(),
-                    },
-                );
+                slot.insert(PeerUpdate {
+                    summary: u.summary.clone(),
+                    connections: Vec::new(),
+                });
             }
         }
         let mut placeholders = BTreeSet::new();
         for c in updates.iter().flat_map(|u| &u.connections) {
-            if !self.peers.contains_key(&c.name) {
+            if let Entry::Vacant(slot) = self.peers.entry(c.name) {
                 placeholders.insert(c.name);
-                self.peers.insert(
-                    c.name,
-                    PeerUpdate {
-                        summary: PeerSummary {
-                            name: c.name,
-                            nickname: String::new(),
-                            uid: 0,
-                            version: 0,
-                            short_id: None,
-                        },
-                        connections: Vec::new(),
+                slot.insert(PeerUpdate {
+                    summary: PeerSummary {
+                        name: c.name,
+                        nickname: String::new(),
+                        uid: 0,
+                        version: 0,
+                        short_id: None,
                     },
-                );
+                    connections: Vec::new(),
+                });
             }
         }
 
@@ -538,7 +532,7 @@ pub(crate) mod tests {
             summary(2, 222, 5, Some(200)),
             vec![conn(1, "10.0.0.1:40000", false, true)],
         );
-        assert_eq!(t.merge(&[base.clone()]).changed, vec![name(2)]);
+        assert_eq!(t.merge(std::slice::from_ref(&base)).changed, vec![name(2)]);
 
         // Older version: ignored even with a higher UID.
         let mut older = upd(summary(2, 999, 4, Some(7)), vec![]);
@@ -571,7 +565,7 @@ pub(crate) mod tests {
             summary(2, 223, 6, Some(201)),
             vec![conn(1, "10.0.0.1:1", false, false)],
         );
-        let out = t.merge(&[newer.clone()]);
+        let out = t.merge(std::slice::from_ref(&newer));
         assert_eq!(out.changed, vec![name(2)]);
         assert!(!out.short_ids_changed);
         assert_eq!(t.peer(&name(2)).unwrap(), &newer);
