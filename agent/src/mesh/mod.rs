@@ -5,6 +5,8 @@
 //! routers (`agent/testdata/weave/`).
 
 pub mod name;
+pub mod router;
+pub mod topology;
 
 pub use name::{PeerName, PeerNameError};
 
