@@ -31,6 +31,9 @@ pub enum SealError {
     /// The counter reached 2^63 (never in practice); the nonce would repeat.
     #[error("sleeve sequence numbers exhausted")]
     Exhausted,
+    /// A plain builder given to a sealing sender, or the other way round.
+    #[error("datagram builder does not match the connection's encryption")]
+    BuilderMismatch,
 }
 
 /// Why an encrypted datagram was not accepted.
@@ -109,7 +112,7 @@ impl SleeveSealer {
         let tag = self
             .cipher
             .encrypt_in_place_detached(&nonce(self.outbound, seq_and_df), &[], body)
-            .map_err(|_| SealError::TooShort(0))?;
+            .map_err(|_| SealError::BuilderMismatch)?;
         head[NAME_LEN + SEQ_LEN..].copy_from_slice(&tag);
         Ok(seq_and_df)
     }
