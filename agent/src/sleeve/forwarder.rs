@@ -524,3 +524,469 @@ impl SleeveForwarder {
         .min()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sleeve::{
+        SleeveRx, SleeveTx,
+        frame::{DatagramBuilder, heartbeat},
+    };
+
+    const A: PeerName = PeerName([0xaa, 0, 0, 0, 0, 2]);
+    const B: PeerName = PeerName([0xaa, 0, 0, 0, 0, 1]);
+    const UID: u64 = 0xc350_c9d6_1fdf_9916;
+    const KEY: SessionKey = SessionKey([0x42; 32]);
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[derive(Debug)]
+    struct Side {
+        fwd: SleeveForwarder,
+        tx: SleeveTx,
+        rx: SleeveRx,
+        builder: DatagramBuilder,
+        addr: SocketAddr,
+        acks_sent: usize,
+        frag_replies: usize,
+        established: usize,
+        heartbeats_sent: usize,
+        mtu_changes: Vec<u16>,
+        failures: Vec<(SleeveFailure, Instant)>,
+        sent: Vec<Vec<u8>>,
+    }
+
+    struct Net {
+        /// What the local kernels know (EMSGSIZE above it, for DF).
+        local_mtu: usize,
+        /// What the path carries (silently dropped above it, for DF).
+        path_mtu: usize,
+        drop_all: bool,
+    }
+
+    struct Sim {
+        sides: [Side; 2],
+        net: Net,
+        now: Instant,
+        t0: Instant,
+    }
+
+    impl Sim {
+        fn new(key: Option<&SessionKey>, local_mtu: usize, path_mtu: usize) -> Sim {
+            let now = Instant::now();
+            let a_addr = addr("192.168.77.2:6783");
+            let b_addr = addr("192.168.77.1:6783");
+            let side = |local, remote, outbound, raddr, own| Side {
+                fwd: SleeveForwarder::new(local, remote, UID, outbound, key, raddr, now),
+                tx: SleeveTx::new(key, outbound),
+                rx: SleeveRx::new(key, outbound),
+                builder: DatagramBuilder::new(local, key.is_some()),
+                addr: own,
+                acks_sent: 0,
+                frag_replies: 0,
+                established: 0,
+                heartbeats_sent: 0,
+                mtu_changes: Vec::new(),
+                failures: Vec::new(),
+                sent: Vec::new(),
+            };
+            Sim {
+                // A dialled B: it knows B's address (TCP remote ip + port).
+                sides: [
+                    side(A, B, true, Some(b_addr), a_addr),
+                    side(B, A, false, None, b_addr),
+                ],
+                net: Net {
+                    local_mtu,
+                    path_mtu,
+                    drop_all: false,
+                },
+                now,
+                t0: now,
+            }
+        }
+
+        fn handle(&mut self, i: usize, action: SleeveAction) {
+            let now = self.now;
+            let (x, y) = {
+                let (l, r) = self.sides.split_at_mut(1);
+                if i == 0 {
+                    (&mut l[0], &mut r[0])
+                } else {
+                    (&mut r[0], &mut l[0])
+                }
+            };
+            match action {
+                SleeveAction::SendSpecial { frame, df } => {
+                    assert!(x.fwd.remote_addr().is_some(), "send without address");
+                    if frame.len() == HEARTBEAT_LEN {
+                        x.heartbeats_sent += 1;
+                    }
+                    x.builder.clear();
+                    x.builder
+                        .try_push(x.fwd.local(), x.fwd.remote(), &frame)
+                        .unwrap();
+                    let bytes = x.tx.finish(&mut x.builder, df).unwrap().to_vec();
+                    x.sent.push(bytes.clone());
+                    let ip_len = bytes.len() + UDP_OVERHEAD;
+                    if df && ip_len > self.net.local_mtu {
+                        x.fwd.on_path_mtu(self.net.local_mtu, now);
+                        return;
+                    }
+                    if (df && ip_len > self.net.path_mtu) || self.net.drop_all {
+                        return;
+                    }
+                    let mut buf = bytes;
+                    let frames: Vec<(PeerName, PeerName, Vec<u8>)> =
+                        y.rx.open(&mut buf)
+                            .unwrap()
+                            .map(|f| {
+                                let f = f.unwrap();
+                                (f.src, f.dst, f.frame.to_vec())
+                            })
+                            .collect();
+                    for (src, dst, f) in frames {
+                        assert!(y.fwd.accepts_special(src, dst));
+                        y.fwd.on_special_frame(x.addr, &f, now).unwrap();
+                    }
+                }
+                SleeveAction::SendControl { subtag, body } => {
+                    match subtag {
+                        SUBTAG_CONNECTION_ESTABLISHED => x.acks_sent += 1,
+                        SUBTAG_FRAGMENTATION_RECEIVED => x.frag_replies += 1,
+                        _ => {}
+                    }
+                    y.fwd.on_control(subtag, &body, now).unwrap();
+                }
+                SleeveAction::Established => x.established += 1,
+                SleeveAction::MtuChanged(m) => x.mtu_changes.push(m),
+                SleeveAction::Failed(f) => x.failures.push((f, now)),
+                SleeveAction::RemoteAddr(_) | SleeveAction::StackFragVerified => {}
+            }
+        }
+
+        fn settle(&mut self) {
+            for _ in 0..1000 {
+                let a = self.sides[0].fwd.poll(self.now);
+                let b = self.sides[1].fwd.poll(self.now);
+                if a.is_empty() && b.is_empty() {
+                    return;
+                }
+                for act in a {
+                    self.handle(0, act);
+                }
+                for act in b {
+                    self.handle(1, act);
+                }
+            }
+            panic!("no quiescence");
+        }
+
+        fn run_for(&mut self, d: Duration) {
+            let end = self.now + d;
+            for _ in 0..1_000_000 {
+                self.settle();
+                let next = [
+                    self.sides[0].fwd.next_deadline(),
+                    self.sides[1].fwd.next_deadline(),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                match next {
+                    Some(t) if t <= end => {
+                        assert!(t >= self.now, "deadline in the past after poll");
+                        self.now = t;
+                    }
+                    _ => {
+                        self.now = end;
+                        self.settle();
+                        return;
+                    }
+                }
+            }
+            panic!("timer storm");
+        }
+    }
+
+    fn handshake(key: Option<&SessionKey>, local_mtu: usize, path_mtu: usize, expect: u16) {
+        let mut sim = Sim::new(key, local_mtu, path_mtu);
+        // Before anything: the inbound side has no address and sends nothing.
+        assert!(sim.sides[1].fwd.remote_addr().is_none());
+        sim.run_for(Duration::from_secs(60));
+        for s in &sim.sides {
+            assert_eq!(s.acks_sent, 1, "{:?}", s.fwd.local());
+            assert_eq!(s.established, 1);
+            assert!(s.fwd.is_established());
+            assert!(s.fwd.mtu_verified());
+            assert_eq!(s.fwd.mtu(), expect);
+            assert_eq!(
+                s.fwd.max_df_payload(),
+                usize::from(expect) + s.fwd.overhead() - 28
+            );
+            assert!(s.fwd.stack_frag());
+            assert!(s.failures.is_empty());
+            assert!(s.frag_replies >= 1);
+        }
+        assert_eq!(
+            sim.sides[1].fwd.remote_addr(),
+            Some(addr("192.168.77.2:6783"))
+        );
+        // Established: slow heartbeats keep the connection alive, no failure, no re-ack.
+        let hb = sim.sides[0].heartbeats_sent;
+        sim.run_for(Duration::from_secs(300));
+        for s in &sim.sides {
+            assert!(s.failures.is_empty());
+            assert_eq!(s.acks_sent, 1);
+            assert_eq!(s.established, 1);
+            assert_eq!(s.fwd.mtu(), expect);
+        }
+        let slow = sim.sides[0].heartbeats_sent - hb;
+        assert!((29..=31).contains(&slow), "{slow} heartbeats in 300 s");
+    }
+
+    #[test]
+    fn plain_handshake_and_mtu_on_1500() {
+        handshake(None, 1500, 1500, 1438);
+    }
+
+    #[test]
+    fn encrypted_handshake_and_mtu_on_1500() {
+        handshake(Some(&KEY), 1500, 1500, 1414);
+    }
+
+    #[test]
+    fn mtu_search_finds_a_1400_path_behind_a_1500_link() {
+        handshake(None, 1500, 1400, 1338);
+        handshake(Some(&KEY), 1500, 1400, 1314);
+    }
+
+    #[test]
+    fn mtu_on_a_1400_link() {
+        handshake(None, 1400, 1400, 1338);
+    }
+
+    #[test]
+    fn first_datagrams_and_nonces_follow_weave() {
+        let mut sim = Sim::new(Some(&KEY), 1500, 1500);
+        sim.run_for(Duration::from_millis(200));
+        // Outbound A: heartbeat on the DF stream first (seq 0 with the DF bit).
+        let first = &sim.sides[0].sent[0];
+        assert_eq!(first.len(), 66);
+        assert_eq!(&first[..6], &A.0);
+        assert_eq!(&first[6..14], &(1u64 << 63).to_be_bytes());
+        // B's first datagram is its heartbeat, DF seq 0 too.
+        assert_eq!(sim.sides[1].sent[0].len(), 66);
+        // A frag test went non-DF seq 0 (60001 + 14 + 30).
+        assert!(
+            sim.sides[0]
+                .sent
+                .iter()
+                .any(|d| d.len() == 60045 && d[6..14] == [0; 8])
+        );
+        // MTU probes of 1472 bytes (1428-byte frames) on a 1500 path.
+        assert!(sim.sides[0].sent.iter().any(|d| d.len() == 1472));
+    }
+
+    #[test]
+    fn heartbeat_schedule() {
+        let t0 = Instant::now();
+        let mut f = SleeveForwarder::new(A, B, UID, true, None, Some(addr("10.0.0.1:6783")), t0);
+        let count = |acts: Vec<SleeveAction>| {
+            acts.iter()
+                .filter(|a| matches!(a, SleeveAction::SendSpecial { frame, df: true } if frame.len() == 22))
+                .count()
+        };
+        assert_eq!(count(f.poll(t0)), 1);
+        assert_eq!(f.next_deadline(), Some(t0 + FAST_HEARTBEAT));
+        let mut n = 0;
+        for ms in (100..=2000).step_by(100) {
+            n += count(f.poll(t0 + Duration::from_millis(ms)));
+        }
+        assert_eq!(n, 4);
+        let t = t0 + Duration::from_millis(2100);
+        f.on_control(SUBTAG_CONNECTION_ESTABLISHED, &[], t).unwrap();
+        let acts = f.poll(t);
+        assert_eq!(acts[0], SleeveAction::Established);
+        assert!(acts.iter().any(|a| matches!(a, SleeveAction::SendSpecial { frame, df: false } if frame.len() == FRAG_TEST_LEN)));
+        assert!(acts.iter().any(|a| matches!(a, SleeveAction::SendSpecial { frame, df: true } if frame.len() == PMTU_DISCOVERY_LEN)));
+        assert_eq!(count(f.poll(t + Duration::from_millis(9999))), 0);
+        assert_eq!(count(f.poll(t + Duration::from_secs(10))), 1);
+        // No valid heartbeat received at all: fails 60 s after creation.
+        let acts = f.poll(t0 + Duration::from_secs(60));
+        assert_eq!(
+            acts,
+            vec![SleeveAction::Failed(SleeveFailure::HeartbeatTimeout)]
+        );
+        assert_eq!(
+            SleeveFailure::HeartbeatTimeout.to_string(),
+            "timed out waiting for UDP heartbeat"
+        );
+        assert!(f.is_failed());
+        assert_eq!(f.next_deadline(), None);
+        assert!(f.poll(t0 + Duration::from_secs(100)).is_empty());
+    }
+
+    #[test]
+    fn timeout_after_60s_of_silence() {
+        let mut sim = Sim::new(None, 1500, 1500);
+        sim.run_for(Duration::from_secs(30));
+        assert_eq!(sim.sides[0].established, 1);
+        let cut = sim.now;
+        sim.net.drop_all = true;
+        sim.run_for(Duration::from_secs(120));
+        for s in &sim.sides {
+            assert_eq!(s.failures.len(), 1);
+            let (why, at) = s.failures[0];
+            assert_eq!(why, SleeveFailure::HeartbeatTimeout);
+            // The last valid heartbeat came at most 10 s before the cut.
+            let after_cut = at - cut;
+            assert!(
+                after_cut > Duration::from_secs(50) && after_cut <= Duration::from_secs(60),
+                "{after_cut:?}"
+            );
+            assert!(s.fwd.is_failed());
+        }
+        let _ = sim.t0;
+    }
+
+    #[test]
+    fn wrong_conn_uid_is_ignored_and_address_is_followed() {
+        let t = Instant::now();
+        let mut f = SleeveForwarder::new(B, A, UID, false, None, None, t);
+        assert!(f.poll(t).is_empty());
+        let from = addr("192.168.77.2:6783");
+        assert_eq!(
+            f.on_special_frame(from, &heartbeat(UID ^ 1), t),
+            Ok(SpecialOutcome::WrongConnUid(UID ^ 1))
+        );
+        assert!(f.poll(t).is_empty());
+        assert_eq!(f.remote_addr(), None);
+        assert_eq!(
+            f.on_special_frame(from, &heartbeat(UID), t),
+            Ok(SpecialOutcome::Heartbeat)
+        );
+        let acts = f.poll(t);
+        assert_eq!(acts.len(), 3, "{acts:?}");
+        assert_eq!(acts[0], SleeveAction::RemoteAddr(from));
+        assert!(
+            matches!(&acts[1], SleeveAction::SendSpecial { frame, df: true } if frame[..] == heartbeat(UID))
+        );
+        assert_eq!(
+            acts[2],
+            SleeveAction::SendControl {
+                subtag: 1,
+                body: vec![]
+            }
+        );
+        // Second heartbeat from a new address: followed, not acked again.
+        let moved = addr("192.168.77.2:40000");
+        f.on_special_frame(moved, &heartbeat(UID), t).unwrap();
+        assert_eq!(f.poll(t), vec![SleeveAction::RemoteAddr(moved)]);
+        assert_eq!(f.remote_addr(), Some(moved));
+        // Heartbeats reset the timeout; a wrong-UID one does not.
+        let t50 = t + Duration::from_secs(50);
+        f.on_special_frame(moved, &heartbeat(UID), t50).unwrap();
+        f.on_special_frame(moved, &heartbeat(7), t50 + Duration::from_secs(55))
+            .unwrap();
+        let acts = f.poll(t + Duration::from_secs(100));
+        assert!(!acts.iter().any(|a| matches!(a, SleeveAction::Failed(_))));
+        let acts = f.poll(t50 + HEARTBEAT_TIMEOUT);
+        assert!(acts.contains(&SleeveAction::Failed(SleeveFailure::HeartbeatTimeout)));
+    }
+
+    #[test]
+    fn answers_frag_tests_and_probes() {
+        let t = Instant::now();
+        let from = addr("10.0.0.1:6783");
+        let mut f = SleeveForwarder::new(B, A, UID, false, None, None, t);
+        assert_eq!(
+            f.on_special_frame(from, &vec![0; FRAG_TEST_LEN], t),
+            Ok(SpecialOutcome::FragTest)
+        );
+        let mut bad = vec![0; FRAG_TEST_LEN];
+        bad[100] = 1;
+        assert_eq!(
+            f.on_special_frame(from, &bad, t),
+            Ok(SpecialOutcome::BadFragTest)
+        );
+        assert_eq!(
+            f.on_special_frame(from, &mtu_probe(1438), t),
+            Ok(SpecialOutcome::MtuProbe(1438))
+        );
+        assert_eq!(
+            f.on_special_frame(from, &[0; 14], t),
+            Ok(SpecialOutcome::MtuProbe(0))
+        );
+        assert_eq!(
+            f.poll(t),
+            vec![
+                SleeveAction::SendControl {
+                    subtag: 2,
+                    body: vec![]
+                },
+                SleeveAction::SendControl {
+                    subtag: 3,
+                    body: vec![0x05, 0x9e]
+                },
+                SleeveAction::SendControl {
+                    subtag: 3,
+                    body: vec![0, 0]
+                },
+            ]
+        );
+        assert_eq!(
+            f.on_special_frame(from, &[1; 22], t),
+            Err(ControlError::NotSpecial(22))
+        );
+    }
+
+    #[test]
+    fn bad_control_messages_are_errors() {
+        let t = Instant::now();
+        let mut f = SleeveForwarder::new(A, B, UID, true, None, Some(addr("10.0.0.1:6783")), t);
+        assert_eq!(
+            f.on_control(3, &[5], t),
+            Err(ControlError::TruncatedPmtuVerified(1))
+        );
+        assert_eq!(f.on_control(9, &[], t), Err(ControlError::UnknownSubtag(9)));
+        // A PMTUVerified for a value not under test changes nothing.
+        f.on_control(3, &[0x05, 0x9e], t).unwrap();
+        assert!(!f.mtu_verified());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let t = Instant::now();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let from = addr("10.0.0.1:6783");
+        for key in [None, Some(&KEY)] {
+            let mut f = SleeveForwarder::new(B, A, UID, false, key, None, t);
+            let mut rx = SleeveRx::new(key, false);
+            for i in 0..3000u64 {
+                let len = (rnd() % 200) as usize;
+                let mut buf: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+                if i % 3 == 0 && buf.len() > 20 {
+                    buf[6..20].fill(0);
+                }
+                if let Ok(frames) = rx.open(&mut buf) {
+                    for fr in frames.flatten() {
+                        let _ = f.on_special_frame(from, fr.frame, t);
+                    }
+                }
+                let _ = f.on_special_frame(from, &buf, t);
+                let _ = f.on_control((rnd() % 5) as u8, &buf[..len.min(3)], t);
+                let _ = f.on_path_mtu((rnd() % 70000) as usize, t);
+                let _ = f.poll(t + Duration::from_millis(i));
+            }
+        }
+    }
+}
