@@ -984,7 +984,7 @@ mod tests {
                 }
                 let _ = f.on_special_frame(from, &buf, t);
                 let _ = f.on_control((rnd() % 5) as u8, &buf[..len.min(3)], t);
-                let _ = f.on_path_mtu((rnd() % 70000) as usize, t);
+                f.on_path_mtu((rnd() % 70000) as usize, t);
                 let _ = f.poll(t + Duration::from_millis(i));
             }
         }
