@@ -9,11 +9,13 @@
 //! a replay. The window moves before the duplicate check, as Weave does; the caller
 //! runs this only for datagrams whose authenticator checked.
 //!
-//! The bitsets grow on demand up to the highest offset seen (128 KiB each at most) and
-//! keep their allocation across window moves.
+//! The bitsets are allocated on first use (128 KiB of address space each), grow within
+//! that up to the highest offset seen, and keep their allocation across window moves.
 
 /// Bits of a window.
 pub const WINDOW_BITS: u32 = 20;
+
+const WORDS: usize = (1 << WINDOW_BITS) / 64;
 
 #[derive(Debug, Clone, Default)]
 struct BitSet(Vec<u64>);
@@ -26,6 +28,12 @@ impl BitSet {
     fn insert(&mut self, i: usize) {
         let word = i / 64;
         if word >= self.0.len() {
+            if self.0.capacity() == 0 {
+                // One allocation for the whole window (128 KiB of address space; the
+                // kernel backs only the pages touched), so growing never reallocates
+                // on the receive path.
+                self.0.reserve_exact(WORDS);
+            }
             self.0.resize(word + 1, 0);
         }
         self.0[word] |= 1 << (i % 64);
