@@ -4,6 +4,7 @@
 //! Wire facts are restated from Weave Net 2.8.1 and checked against captures of real
 //! routers (`agent/testdata/weave/`).
 
+pub mod gob;
 pub mod name;
 
 pub use name::{PeerName, PeerNameError};
