@@ -4,8 +4,10 @@
 //! Wire facts are restated from Weave Net 2.8.1 and checked against captures of real
 //! routers (`agent/testdata/weave/`).
 
+pub mod crypto;
 pub mod gob;
 pub mod name;
+pub mod wire;
 
 pub use name::{PeerName, PeerNameError};
 
