@@ -6,6 +6,7 @@
 
 pub mod crypto;
 pub mod gob;
+pub mod gossip;
 pub mod name;
 pub mod wire;
 
