@@ -4,6 +4,7 @@
 //! Wire facts are restated from Weave Net 2.8.1 and checked against captures of real
 //! routers (`agent/testdata/weave/`).
 
+pub mod connection;
 pub mod crypto;
 pub mod gob;
 pub mod gossip;
