@@ -550,10 +550,8 @@ impl Decoder {
                 continue;
             }
             let is_struct = matches!(self.types.get(&id), Some(TypeDef::Struct { .. }));
-            if !is_struct {
-                if msg.byte()? != 0 {
-                    return Err(GobError::MissingSingletonMarker);
-                }
+            if !is_struct && msg.byte()? != 0 {
+                return Err(GobError::MissingSingletonMarker);
             }
             let value = self.value(&mut msg, id, 0)?;
             if !msg.is_empty() {
