@@ -9,7 +9,7 @@ use common::tcp_capture::{TcpFlow, frames, tcp_flows, testdata};
 use weft::mesh::{
     ConnectionSummary, PeerName, PeerSummary, PeerUpdate, SessionKey,
     connection::{Connection, ConnectionConfig, ConnectionError, Event, LocalIdentity},
-    crypto::{Password, TAG_LEN, TcpOpener},
+    crypto::{Password, TAG_LEN, TcpOpener, TcpSealer},
     gossip::{decode_topology, encode_topology},
     wire::{Features, Message},
 };
@@ -385,6 +385,13 @@ fn live_enc_decrypts_with_the_logged_session_key() {
     // Weaver accepted: its nonces are 0x40..., the dialler's 0xc0...
     let from_weaver = open_all(s2c, &key, false);
     let from_peer = open_all(c2s, &key, true);
+    // Sealing the plaintexts again with Weave's nonces gives the captured bytes.
+    for (flow, plains, outbound) in [(s2c, &from_weaver, false), (c2s, &from_peer, true)] {
+        let mut sealer = TcpSealer::new(&key, outbound);
+        for (plain, captured) in plains.iter().zip(frames(&flow.data[40..])) {
+            assert_eq!(sealer.seal(plain), captured);
+        }
+    }
     // The opposite polarity does not open.
     assert!(
         TcpOpener::new(&key, true)
