@@ -4,9 +4,14 @@
 //! Wire facts are restated from Weave Net 2.8.1 and checked against captures of real
 //! routers (`agent/testdata/weave/`).
 
+pub mod connection;
+pub mod crypto;
+pub mod gob;
+pub mod gossip;
 pub mod name;
 pub mod router;
 pub mod topology;
+pub mod wire;
 
 pub use name::{PeerName, PeerNameError};
 
