@@ -55,6 +55,7 @@ fn local(features: &Features, outbound: bool, password: Option<&str>) -> Connect
         password: password.map(Password::new),
         overlays: features.overlays.as_ref().map(|o| o.join(" ")),
         trusted: features.trusted,
+        fast_heartbeat: false,
         outbound,
         conn_id: features.conn_id,
         key_random: [7; 32],
@@ -142,6 +143,7 @@ fn h1_features() -> Features {
         short_id: Some(3170),
         trusted: false,
         overlays: Some(vec!["sleeve".into()]),
+        fast_heartbeat: false,
     }
 }
 
@@ -154,6 +156,7 @@ fn h2_features() -> Features {
         short_id: Some(2157),
         trusted: false,
         overlays: Some(vec!["sleeve".into()]),
+        fast_heartbeat: false,
     }
 }
 
@@ -272,6 +275,7 @@ fn live_plain_compat_mode() {
         short_id: Some(2881),
         trusted: false,
         overlays: Some(vec!["sleeve".into()]),
+        fast_heartbeat: false,
     };
     let foreign = Features {
         name: FOREIGN,
@@ -281,6 +285,7 @@ fn live_plain_compat_mode() {
         short_id: Some(291),
         trusted: false,
         overlays: None,
+        fast_heartbeat: false,
     };
     // The foreign peer's side: weaver's bytes.
     let (_, intro, msgs) = replay(local(&foreign, true, None), &s2c);
@@ -410,6 +415,7 @@ fn live_enc_decrypts_with_the_logged_session_key() {
             short_id: Some(1453),
             trusted: false,
             overlays: Some(vec!["sleeve".into()]),
+            fast_heartbeat: false,
         }
     );
     let peer = Features::decode(&from_peer[0]).unwrap();

@@ -58,6 +58,8 @@ pub struct ConnectionConfig {
     pub overlays: Option<String>,
     /// Whether we trust the remote (its address is in our trusted subnets).
     pub trusted: bool,
+    /// Whether we announce weft's fast heartbeat ([`Features::fast_heartbeat`]).
+    pub fast_heartbeat: bool,
     /// Whether we dialled.
     pub outbound: bool,
     /// A fresh random id for this connection.
@@ -218,6 +220,7 @@ impl Connection {
                 .overlays
                 .as_ref()
                 .map(|o| o.split_whitespace().map(str::to_owned).collect()),
+            fast_heartbeat: self.config.fast_heartbeat,
         }
     }
 
@@ -429,6 +432,7 @@ mod tests {
             password: password.map(Password::new),
             overlays: Some("sleeve".into()),
             trusted: false,
+            fast_heartbeat: false,
             outbound,
             conn_id: 0x1111_0000 * u64::from(n) + 7,
             key_random: [n; 32],

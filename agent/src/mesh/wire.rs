@@ -228,6 +228,10 @@ pub struct Features {
     pub trusted: bool,
     /// Its overlays in its order; `None` when the feature is absent (compat mode).
     pub overlays: Option<Vec<String>>,
+    /// A weft's own feature ([`crate::fastdp::FEATURE`]): it sends fast-datapath
+    /// heartbeats every 500 ms, so 2.5 s of silence means its fast path is down.
+    /// Weave ignores features it does not know.
+    pub fast_heartbeat: bool,
 }
 
 fn parse_u64(value: &str, bits: u32) -> Result<u64, WireError> {
@@ -274,6 +278,9 @@ impl Features {
             v.push(("ShortID", s.to_string()));
         }
         v.push(("UID", self.uid.to_string()));
+        if self.fast_heartbeat {
+            v.push((crate::fastdp::FEATURE, "true".to_owned()));
+        }
         v
     }
 
@@ -349,6 +356,7 @@ impl Features {
         let uid = parse_u64(get("UID").unwrap_or_default(), 64)?;
         let conn_id = parse_u64(get("ConnID").unwrap_or_default(), 64)?;
         let overlays = get("Overlays").map(|o| o.split_whitespace().map(str::to_owned).collect());
+        let fast_heartbeat = get(crate::fastdp::FEATURE).is_some_and(|v| parse_bool(v) == Ok(true));
         Ok(Features {
             name,
             nickname,
@@ -357,6 +365,7 @@ impl Features {
             short_id,
             trusted,
             overlays,
+            fast_heartbeat,
         })
     }
 
@@ -590,6 +599,7 @@ mod tests {
             short_id: Some(3170),
             trusted: false,
             overlays: Some(vec!["sleeve".into()]),
+            fast_heartbeat: false,
         }
     }
 
