@@ -156,6 +156,9 @@ impl Testbed {
         if self.agents.get(&n).is_some_and(AgentProc::is_running) {
             bail!("an agent already runs on host {n}");
         }
+        if self.weaver_running(n) {
+            bail!("host {n} runs weaver; it must not run a weft agent too");
+        }
         if !self.peers_path(n).exists() {
             let all: Vec<u8> = self.hosts().iter().map(|h| h.n).collect();
             self.write_peers(n, &all)?;

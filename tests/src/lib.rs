@@ -7,6 +7,9 @@
 //!   [`Testbed::kill9_agent`], [`Testbed::sighup_agent`], [`Testbed::status_json`].
 //! - Traffic: [`pod_exec`], [`ping`], [`ping_unanswered`], [`wait_ping`],
 //!   [`tcp_transfer`], [`capture_vxlan`].
+//! - A real Weave Net router on a host ([`weaver`]): [`Testbed::start_weaver`],
+//!   [`Weaver::wait_connection_established`], [`Weaver::status_text`],
+//!   [`Weaver::report_json`]; binary from `WEFT_WEAVER` ([`skip_without_weaver`]).
 //! - Hygiene: [`cleanup_stale`] removes leftovers of crashed runs;
 //!   [`install_interrupt_handler`] lets a driver tear down on Ctrl-C.
 //!
@@ -26,6 +29,7 @@ pub mod signal;
 pub mod synthetic;
 pub mod testbed;
 pub mod traffic;
+pub mod weaver;
 
 pub use agent::AgentExit;
 pub use bpf::{TcxProg, prog_exists, tcx_programs};
@@ -37,4 +41,8 @@ pub use testbed::{Host, Pod, Testbed, cleanup_stale, is_root, serial};
 pub use traffic::{
     PingReport, Transfer, capture_vxlan, links_with_prefix, ns_exec, ping, ping_stream,
     ping_unanswered, pod_exec, pod_mac, tcp_transfer, wait_ping,
+};
+pub use weaver::{
+    WeaveConnection, Weaver, WeaverOptions, skip_without_weaver, start_weaver_pair,
+    tx_checksum_off, weaver_path,
 };

@@ -24,8 +24,9 @@
 //! their namespaces (`ip link add A netns X type veth peer name B netns Y`), so no
 //! interface name ever exists in the caller's namespace.
 //!
-//! Everything is removed on `Drop` (agents stopped, namespaces deleted, which deletes
-//! their interfaces) or by [`Testbed::teardown`], which also reports what failed.
+//! Everything is removed on `Drop` (agents stopped, Weave routers killed, namespaces
+//! deleted, which deletes their interfaces) or by [`Testbed::teardown`], which also
+//! reports what failed.
 
 use std::{
     collections::BTreeMap,
@@ -141,6 +142,8 @@ pub struct Testbed {
     dir: PathBuf,
     hosts: Vec<Host>,
     pub(crate) agents: BTreeMap<u8, AgentProc>,
+    /// Weave routers started by [`Testbed::start_weaver`], by host.
+    pub(crate) weavers: BTreeMap<u8, crate::weaver::Weaver>,
     /// Directory on bpffs the agents pin their datapaths under (`--bpffs`).
     bpffs: PathBuf,
     /// Namespaces created, in creation order (torn down in reverse).
@@ -184,6 +187,7 @@ impl Testbed {
             bpffs,
             hosts: Vec::new(),
             agents: BTreeMap::new(),
+            weavers: BTreeMap::new(),
             namespaces: Vec::new(),
             torn_down: false,
         };
@@ -493,6 +497,9 @@ impl Testbed {
                 errors.push(format!("agent on host {n}: {e:#}"));
             }
         }
+        // weaver cleans nothing up on exit; its bridge, veths and iptables rules go
+        // with the namespaces below.
+        self.kill_weavers(panicking);
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = delete_namespace(&ns) {
                 errors.push(format!("{e:#}"));

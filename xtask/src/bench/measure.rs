@@ -56,6 +56,22 @@ impl Test {
         }
     }
 
+    /// The figures it produces.
+    pub fn metrics(self) -> &'static [Metric] {
+        match self {
+            Test::Tcp1 => &[
+                Metric::Tcp1Gbps,
+                Metric::CpuSecPerGb,
+                Metric::RxBytesPerPacket,
+                Metric::RxIpBytesPerPacket,
+                Metric::WireBytesPerFrame,
+            ],
+            Test::Tcp4 => &[Metric::Tcp4Gbps],
+            Test::Rr => &[Metric::RrTps, Metric::RrP50Us, Metric::RrP99Us],
+            Test::Udp64 => &[Metric::UdpMpps],
+        }
+    }
+
     /// How long it runs.
     pub fn duration(self, d: &Durations) -> Duration {
         match self {

@@ -7,7 +7,9 @@
 //!   machine drift hits all of them alike. Figures ([`measure`]): TCP throughput with 1
 //!   and 4 streams (iperf3), a 1-byte TCP ping-pong ([`rr`]), 64-byte UDP packets per
 //!   second received (iperf3), and CPU seconds per GB of the 1-stream test, with the
-//!   bytes per packet the receiver got and per frame on the wire during it.
+//!   bytes per packet the receiver got and per frame on the wire during it. The
+//!   `weave-sleeve` modes run a real Weave Net router (`WEFT_WEAVER`; skipped when
+//!   unset) and only the 1-stream test: sleeve is a userspace path.
 //! - Per underlay profile ([`profile`]): `veth` (offloads on, super-packets cross the
 //!   wire whole) and `nic` (senders segment, receivers coalesce). Each round runs every
 //!   profile in turn, switching all modes' hosts at once, so the modes compared in a
@@ -208,9 +210,14 @@ fn run_inner(ws: &Workspace, args: &Args, agent: &Path) -> Result<PathBuf> {
         progress_line(&format!("warming up {name}"));
         measure::warm_up(r).with_context(|| format!("warming up {name}"))?;
     }
-    let tests = measure::Test::ALL;
-    let total = rounds as usize * profiles.len() * running.len() * tests.len();
+    for (name, r) in &running {
+        rep.set_mode_tests(name, r.tests);
+    }
+    let total = rounds as usize
+        * profiles.len()
+        * running.iter().map(|(_, r)| r.tests.len()).sum::<usize>();
     let mut done = 0usize;
+    let tests = measure::Test::ALL;
     let per_test_secs = tests
         .iter()
         .map(|t| t.duration(&durations).as_secs_f64() + 1.0)
@@ -220,7 +227,7 @@ fn run_inner(ws: &Workspace, args: &Args, agent: &Path) -> Result<PathBuf> {
         for &profile in &profiles {
             apply_profile(&running, profile)?;
             for (name, r) in &running {
-                for test in tests {
+                for &test in r.tests {
                     check_interrupt()?;
                     let left = (total - done) as f64 * per_test_secs;
                     let p = profile.name();

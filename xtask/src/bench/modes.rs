@@ -17,11 +17,13 @@ use weft_testbed::{
     Host, Pod, Testbed,
     bench_topology::add_flat_kernel_vxlan,
     cmd::{ns_command, output},
-    interrupted, tcx_programs,
+    interrupted, start_weaver_pair, tcx_programs,
+    weaver::{WEAVER_ENV, weaver_path},
 };
 
 use super::{
     TAG,
+    measure::Test,
     profile::{End, Profile, UNDERLAY_DEV},
 };
 
@@ -29,6 +31,10 @@ use super::{
 const KERNEL_VXLAN_VNI: u32 = 1;
 /// How long a mode's two ends may take to reach each other after setup.
 const REACH_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long two weavers may take to establish their connection.
+const WEAVER_ESTABLISH: Duration = Duration::from_secs(30);
+/// The mesh password of the encrypted Weave mode.
+const WEAVE_BENCH_PASSWORD: &str = "bench-password";
 
 /// One end of a mode's traffic: a network namespace and the address it is reached at.
 #[derive(Debug, Clone)]
@@ -84,6 +90,10 @@ pub trait Mode {
     }
     /// Brings it up in a testbed of its own; it stays up until torn down.
     fn setup(&self, ctx: &Ctx) -> Result<Running>;
+    /// The tests it runs each round (all by default).
+    fn tests(&self) -> &'static [Test] {
+        &Test::ALL
+    }
 }
 
 /// The registered modes, in the order they are measured (and shown). `raw` and
@@ -97,6 +107,16 @@ pub fn registry() -> Vec<Box<dyn Mode>> {
             about: "pod to pod through weft's eBPF fast datapath",
             agent_args: &[],
             requires: None,
+        }),
+        Box::new(WeaveMode {
+            name: "weave-sleeve",
+            about: "pod to pod through two real Weave Net 2.8.1 routers, sleeve, no password",
+            password: None,
+        }),
+        Box::new(WeaveMode {
+            name: "weave-sleeve-encrypted",
+            about: "pod to pod through two real Weave Net 2.8.1 routers, sleeve, password",
+            password: Some(WEAVE_BENCH_PASSWORD),
         }),
     ]
 }
@@ -149,12 +169,19 @@ pub struct Running {
     underlay_links: Vec<(Port, End)>,
     /// Hosts running a weft agent.
     agent_hosts: Vec<u8>,
+    /// Hosts running a Weave router.
+    weaver_hosts: Vec<u8>,
+    /// The tests run in each round.
+    pub tests: &'static [Test],
 }
 
 impl Running {
     /// What the mode's agents report after the run (`weft status --json` per host,
     /// plus the agent's RSS), or null when it runs none.
     pub fn diagnostics(&mut self) -> serde_json::Value {
+        if !self.weaver_hosts.is_empty() {
+            return self.weaver_diagnostics();
+        }
         if self.agent_hosts.is_empty() {
             return serde_json::Value::Null;
         }
@@ -172,6 +199,29 @@ impl Running {
             per_host.insert(
                 format!("host{n}"),
                 serde_json::json!({ "status": status, "rss_kib": rss }),
+            );
+        }
+        serde_json::Value::Object(per_host)
+    }
+
+    /// Per Weave host: its `/status/connections` and its RSS.
+    fn weaver_diagnostics(&mut self) -> serde_json::Value {
+        let mut per_host = serde_json::Map::new();
+        for &n in &self.weaver_hosts.clone() {
+            let connections = self
+                .tb
+                .weaver(n)
+                .and_then(|w| w.status_text("/status/connections"))
+                .unwrap_or_else(|e| format!("error: {e:#}"));
+            let rss = self
+                .tb
+                .weaver_mut(n)
+                .and_then(|w| w.pid())
+                .ok()
+                .and_then(|pid| super::micro::rss_kib(pid).ok());
+            per_host.insert(
+                format!("host{n}"),
+                serde_json::json!({ "weaver_connections": connections, "weaver_rss_kib": rss }),
             );
         }
         serde_json::Value::Object(per_host)
@@ -207,7 +257,8 @@ impl Running {
         Ok(out)
     }
 
-    /// Stops the agents and removes the testbed, reporting what could not be undone.
+    /// Stops the agents and removes the testbed (which kills the Weave routers),
+    /// reporting what could not be undone.
     pub fn teardown(self) -> Result<()> {
         let mut tb = self.tb;
         let mut errors = Vec::new();
@@ -299,6 +350,50 @@ impl Mode for WeftMode {
     }
 }
 
+/// Pod to pod through two real Weave Net routers (`weaver`, from [`WEAVER_ENV`]), sleeve
+/// only (this kernel has no openvswitch for Weave's fast path), with or without a
+/// password. Runs the 1-stream TCP test only.
+pub struct WeaveMode {
+    /// The mode's name.
+    pub name: &'static str,
+    /// One line on what it is.
+    pub about: &'static str,
+    /// The mesh password, if the mode encrypts.
+    pub password: Option<&'static str>,
+}
+
+impl Mode for WeaveMode {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn about(&self) -> &'static str {
+        self.about
+    }
+    fn unavailable(&self) -> Option<String> {
+        match weaver_path() {
+            None => Some(format!("{WEAVER_ENV} unset")),
+            Some(p) if !p.is_file() => Some(format!("{WEAVER_ENV}={} is not a file", p.display())),
+            Some(_) => None,
+        }
+    }
+    fn tests(&self) -> &'static [Test] {
+        &[Test::Tcp1]
+    }
+    fn setup(&self, _ctx: &Ctx) -> Result<Running> {
+        let Some(bin) = weaver_path() else {
+            bail!("{WEAVER_ENV} unset");
+        };
+        let mut tb = Testbed::with_tag(TAG)?;
+        tb.add_host(1)?;
+        tb.add_host(1)?;
+        start_weaver_pair(&mut tb, &bin, (1, 2), self.password, WEAVER_ESTABLISH)?;
+        let mut r = pods_running(tb, Vec::new())?;
+        r.weaver_hosts = vec![1, 2];
+        r.tests = self.tests();
+        Ok(r)
+    }
+}
+
 /// The ends are pod 1 of host 1 (client) and pod 1 of host 2 (server).
 fn pods_running(tb: Testbed, agent_hosts: Vec<u8>) -> Result<Running> {
     let (client, server) = (tb.pod(1, 1)?.into(), tb.pod(2, 1)?.into());
@@ -333,6 +428,8 @@ fn running(
         client,
         server,
         agent_hosts,
+        weaver_hosts: Vec::new(),
+        tests: &Test::ALL,
     };
     wait_reachable(&r.client, &r.server)?;
     Ok(r)
@@ -387,6 +484,18 @@ mod tests {
         let e = select(&["nope".into()]).err().unwrap();
         assert!(format!("{e}").contains("known modes: raw"), "{e}");
         assert!(select(&["raw".into(), "raw".into()]).is_err());
+    }
+
+    #[test]
+    fn weave_modes_run_one_tcp_stream_and_need_the_router() {
+        let all = registry();
+        for name in ["weave-sleeve", "weave-sleeve-encrypted"] {
+            let m = all.iter().find(|m| m.name() == name).unwrap();
+            assert_eq!(m.tests(), [Test::Tcp1]);
+            if weaver_path().is_none() {
+                assert_eq!(m.unavailable().as_deref(), Some("WEFT_WEAVER unset"));
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use weft_testbed::testbed::UNDERLAY_MTU;
 use super::{
     Durations,
     live::LiveCost,
-    measure::{Metric, Sample, UDP_PAYLOAD},
+    measure::{Metric, Sample, Test, UDP_PAYLOAD},
     micro::{AgentFootprint, MapScale, ProgCost},
     profile::Profile,
 };
@@ -96,6 +96,8 @@ pub struct Report {
     pub skipped: Vec<(String, String)>,
     /// Modes in the order they were measured.
     modes: Vec<String>,
+    /// Per mode, the figures its tests produce (every figure for a mode not listed).
+    mode_metrics: Vec<(String, Vec<Metric>)>,
     /// Underlay profiles in the order they were measured.
     profiles: Vec<Profile>,
     samples: Vec<Recorded>,
@@ -159,6 +161,18 @@ pub fn paired_ratios(mode: &[(u32, f64)], reference: &[(u32, f64)]) -> Vec<f64> 
 
 /// `0.93x (0.88-1.02)`: the median of the per-round ratios, with min and max when
 /// they differ; `-` for none.
+/// Decimal places for a figure of `metric` whose median is `median`: two more than
+/// usual for a one-decimal figure below 1 (a userspace overlay's 0.12 Gbit/s would
+/// otherwise show as 0.1).
+fn shown_decimals(metric: Metric, median: f64) -> usize {
+    let d = metric.decimals();
+    if d == 1 && median.abs() < 1.0 {
+        d + 2
+    } else {
+        d
+    }
+}
+
 fn fmt_ratio(r: Option<Stats>) -> String {
     match r {
         None => "-".into(),
@@ -184,6 +198,7 @@ impl Report {
             durations,
             skipped: Vec::new(),
             modes: Vec::new(),
+            mode_metrics: Vec::new(),
             profiles: Vec::new(),
             samples: Vec::new(),
             prog_costs: Vec::new(),
@@ -193,6 +208,22 @@ impl Report {
             diagnostics: Vec::new(),
             elapsed: Duration::ZERO,
         }
+    }
+
+    /// Records that `mode` runs only `tests`: [`Report::check_sane`] then expects only
+    /// their figures from it.
+    pub fn set_mode_tests(&mut self, mode: &str, tests: &[Test]) {
+        let metrics = tests.iter().flat_map(|t| t.metrics()).copied().collect();
+        self.mode_metrics.retain(|(m, _)| m != mode);
+        self.mode_metrics.push((mode.to_string(), metrics));
+    }
+
+    /// The figures `mode` is expected to produce.
+    fn expected_metrics(&self, mode: &str) -> Vec<Metric> {
+        self.mode_metrics
+            .iter()
+            .find(|(m, _)| m == mode)
+            .map_or_else(|| Metric::ALL.to_vec(), |(_, v)| v.clone())
     }
 
     /// Records a sample of `mode` under `profile` in `round`.
@@ -248,7 +279,7 @@ impl Report {
         let mut missing = Vec::new();
         for &profile in &self.profiles {
             for mode in &self.modes {
-                for metric in Metric::ALL {
+                for metric in self.expected_metrics(mode) {
                     let v = self.values(profile, mode, metric);
                     if v.is_empty() || v.iter().any(|x| !x.is_finite() || *x <= 0.0) {
                         missing.push(format!(
@@ -364,7 +395,7 @@ impl Report {
                 let Some(st) = self.stats(profile, mode, metric) else {
                     continue;
                 };
-                let d = metric.decimals();
+                let d = shown_decimals(metric, st.median);
                 let r = |reference: &str| {
                     fmt_ratio(stats(&self.ratios(profile, mode, reference, metric)))
                 };
@@ -379,6 +410,9 @@ impl Report {
                     r(KERNEL_VXLAN),
                 );
             }
+        }
+        for (name, why) in &self.skipped {
+            let _ = writeln!(s, "| all figures | {name} | skipped ({why}) | | | | |");
         }
     }
 
@@ -515,6 +549,20 @@ impl Report {
                         "{mode} {host}: agent RSS after the rounds {}",
                         kib(rss)
                     ));
+                }
+                if let Some(rss) = d["weaver_rss_kib"].as_u64() {
+                    notes.push(format!(
+                        "{mode} {host}: weaver RSS after the rounds {}",
+                        kib(rss)
+                    ));
+                }
+                if let Some(conns) = d["weaver_connections"].as_str() {
+                    for line in conns.lines().filter(|l| !l.trim().is_empty()) {
+                        notes.push(format!(
+                            "{mode} {host}: weaver connection `{}`",
+                            line.trim()
+                        ));
+                    }
                 }
                 if let Some(e) = d["status"]["error"].as_str() {
                     notes.push(format!("{mode} {host}: `weft status` failed: {e}"));
@@ -769,5 +817,33 @@ mod tests {
         let e = format!("{}", r.check_sane().unwrap_err());
         assert!(e.contains("veth raw: udp_64b_mpps_received"), "{e}");
         assert!(e.contains("nic raw: frames on the wire above 1514"), "{e}");
+    }
+
+    #[test]
+    fn a_mode_running_only_some_tests_is_held_to_their_figures() {
+        let mut r = three_rounds();
+        r.set_mode_tests("weave-sleeve", &[Test::Tcp1]);
+        for profile in Profile::ALL {
+            for &m in Test::Tcp1.metrics() {
+                r.add_sample(1, profile, "weave-sleeve", sample(m, 0.3));
+            }
+        }
+        r.skipped
+            .push(("weave-sleeve-encrypted".into(), "WEFT_WEAVER unset".into()));
+        let e = format!("{}", r.check_sane().unwrap_err());
+        assert!(!e.contains("weave-sleeve"), "{e}");
+        let md = r.markdown();
+        let row = "| TCP 1 stream, Gbit/s | weave-sleeve | 0.300 | 0.300 | 0.300 | 0.01x | 0.03x |";
+        assert!(md.contains(row), "{row} not in {md}");
+        let row = "| all figures | weave-sleeve-encrypted | skipped (WEFT_WEAVER unset) | | | | |";
+        assert!(md.contains(row), "{row} not in {md}");
+        r.add_sample(
+            2,
+            Profile::Veth,
+            "weave-sleeve",
+            sample(Metric::Tcp1Gbps, 0.0),
+        );
+        let e = format!("{}", r.check_sane().unwrap_err());
+        assert!(e.contains("veth weave-sleeve: tcp_1_stream_gbps"), "{e}");
     }
 }
