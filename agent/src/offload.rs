@@ -648,14 +648,15 @@ impl TcpCoalescer {
 
     /// Hands out every flow being merged (at the end of a receive batch).
     pub fn flush(&mut self, out: &mut impl FnMut(&VirtioNetHdr, &[u8])) {
-        let mut order: Vec<(u64, usize)> = Vec::new();
-        for (i, s) in self.slots.iter().enumerate() {
-            if s.active {
-                order.push((s.age, i));
-            }
-        }
-        order.sort_unstable();
-        for (_, i) in order {
+        // Oldest first, without allocating (a handful of slots).
+        while let Some(i) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active)
+            .min_by_key(|(_, s)| s.age)
+            .map(|(i, _)| i)
+        {
             self.emit_slot(i, out);
         }
     }

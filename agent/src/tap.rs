@@ -168,9 +168,9 @@ impl Tap {
         libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN,
     ];
 
-    /// Creates the TAP device `name` (or attaches to an existing non-persistent-owned
-    /// one of that name, as `TUNSETIFF` does), with a vnet header and offloads, and
-    /// sets its MTU if given. The device is down and on no bridge.
+    /// Creates the TAP device `name` with a vnet header and offloads, and sets its MTU
+    /// if given. The device is down and on no bridge; it goes away when the returned
+    /// value is dropped. Fails if `name` is a device other than a free TAP.
     pub fn create(name: &str, mtu: Option<u32>) -> Result<Self, TapError> {
         let mut req = IfReq::new(name)?;
         let path = c"/dev/net/tun";
