@@ -43,7 +43,7 @@ use crate::{
 
 /// What this run created, removed again if setup does not complete.
 #[derive(Default)]
-struct Rollback {
+pub(crate) struct Rollback {
     /// The bridge: (ifindex, name).
     bridge: Option<(u32, String)>,
     /// weft's VXLAN device: ifindex.
@@ -56,7 +56,8 @@ struct Rollback {
 }
 
 impl Rollback {
-    async fn run(self, net: &Netdev) {
+    /// Undoes what was recorded.
+    pub(crate) async fn run(self, net: &Netdev) {
         // The device first: without its programs it would accept any VXLAN, so it
         // must never outlive their links (its links go defunct with it).
         if let Some(index) = self.vxlan
@@ -111,73 +112,29 @@ type Shared = Arc<Mutex<State>>;
 /// SIGTERM, which leave the datapath forwarding.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (Some(peers_file), Some(name)) = (&args.peers_file, &args.name) else {
-        bail!("joining a Weave mesh (weft run without --peers-file) is not implemented yet");
+        return crate::node::run(args).await;
     };
     // 1. Everything that can be checked without changing the system.
     let peers = PeersFile::load(peers_file)?;
     let (me, remotes) = peers.split(name)?;
     let net = Netdev::connect()?;
-    let underlay_name = match &args.iface {
-        Some(name) => name.clone(),
-        None => default_route_iface(&net).await?,
-    };
-    let underlay = net
-        .link(&underlay_name)
-        .await?
-        .with_context(|| format!("interface {underlay_name} does not exist (--iface)"))?;
-    let addrs = net.ipv4_addresses(underlay.index).await?;
+    let (underlay, addrs) = underlay(&args, &net).await?;
     if !addrs.iter().any(|(a, _)| *a == me.address) {
         tracing::warn!(
-            iface = %underlay_name,
+            iface = %underlay.name,
             address = %me.address,
             "this peer's address from the peers file is not on the underlay interface; \
              peers will send to an address this host may not receive on"
         );
     }
-    let needed = u32::from(args.mtu) + ENCAP_OVERHEAD as u32;
-    if underlay.mtu < needed {
-        bail!(
-            "--mtu {} needs an underlay MTU of at least {needed} (MTU + {ENCAP_OVERHEAD} bytes of \
-             VXLAN encapsulation), but {} has {}: lower --mtu or raise the underlay MTU",
-            args.mtu,
-            underlay.name,
-            underlay.mtu
-        );
-    }
-    tracing::info!(underlay = %underlay.name, mtu = underlay.mtu, "underlay checked");
-    let pins = PinDir::for_current_netns(&args.bpffs)
-        .context("reading this network namespace's cookie")?;
-    // One agent per network namespace: the lock is held until this process ends.
-    let _lock = pins.lock()?;
-    // Under the lock, what is there is an earlier run's, and what this run adds is
-    // its own to roll back.
-    let mut rollback = Rollback {
-        pins: pins.is_empty().then(|| pins.clone()),
-        maps: (!pins.is_empty() && !pins.maps_exist()).then(|| pins.clone()),
-        ..Rollback::default()
-    };
-    // Creating (or opening) the maps proves the BPF privileges (first, so a user
-    // without them hears that); nothing is attached.
-    let ebpf = match loader::load(&pins, args.ebpf_object.as_deref()) {
-        Ok(ebpf) => ebpf,
-        Err(e) => {
-            rollback.run(&net).await;
-            return Err(e.into());
-        }
-    };
-    let socket = match control::bind(&args.socket) {
-        Ok(socket) => socket,
-        Err(e) => {
-            drop(ebpf);
-            rollback.run(&net).await;
-            return Err(e.into());
-        }
-    };
-    // From here on a signal must not kill the process before cleanup: catch them
-    // now (tokio queues what arrives until the loop listens). Setup itself is never
-    // cut short (that could leave a step half done); a stop signal that arrives
-    // meanwhile undoes it afterwards.
-    let signals = Signals::install()?;
+    let Prepared {
+        pins,
+        lock: _lock,
+        mut rollback,
+        ebpf,
+        socket,
+        signals,
+    } = prepare(&args, &net).await?;
 
     // 2. Kernel state; what this run creates is recorded for rollback.
     serve(
@@ -194,7 +151,93 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await
 }
 
-async fn default_route_iface(net: &Netdev) -> anyhow::Result<String> {
+/// The underlay interface (`--iface`, or the default route's) and its IPv4
+/// addresses, checked to carry the overlay MTU plus VXLAN's overhead.
+pub(crate) async fn underlay(
+    args: &RunArgs,
+    net: &Netdev,
+) -> anyhow::Result<(netdev::Link, Vec<(std::net::Ipv4Addr, u8)>)> {
+    let underlay_name = match &args.iface {
+        Some(name) => name.clone(),
+        None => default_route_iface(net).await?,
+    };
+    let underlay = net
+        .link(&underlay_name)
+        .await?
+        .with_context(|| format!("interface {underlay_name} does not exist (--iface)"))?;
+    let addrs = net.ipv4_addresses(underlay.index).await?;
+    let needed = u32::from(args.mtu) + ENCAP_OVERHEAD as u32;
+    if underlay.mtu < needed {
+        bail!(
+            "--mtu {} needs an underlay MTU of at least {needed} (MTU + {ENCAP_OVERHEAD} bytes of \
+             VXLAN encapsulation), but {} has {}: lower --mtu or raise the underlay MTU",
+            args.mtu,
+            underlay.name,
+            underlay.mtu
+        );
+    }
+    tracing::info!(underlay = %underlay.name, mtu = underlay.mtu, "underlay checked");
+    Ok((underlay, addrs))
+}
+
+/// What both modes hold once the checks passed: the namespace's pin directory
+/// (locked: one agent per network namespace, until this process ends), the loaded
+/// programs, the control socket and the signal handlers.
+pub(crate) struct Prepared {
+    pub(crate) pins: PinDir,
+    pub(crate) lock: std::fs::File,
+    pub(crate) rollback: Rollback,
+    pub(crate) ebpf: aya::Ebpf,
+    pub(crate) socket: control::ControlSocket,
+    pub(crate) signals: Signals,
+}
+
+/// Locks the pin directory, loads the programs and binds the control socket,
+/// undoing what it did if a step fails.
+pub(crate) async fn prepare(args: &RunArgs, net: &Netdev) -> anyhow::Result<Prepared> {
+    let pins = PinDir::for_current_netns(&args.bpffs)
+        .context("reading this network namespace's cookie")?;
+    let lock = pins.lock()?;
+    // Under the lock, what is there is an earlier run's, and what this run adds is
+    // its own to roll back.
+    let rollback = Rollback {
+        pins: pins.is_empty().then(|| pins.clone()),
+        maps: (!pins.is_empty() && !pins.maps_exist()).then(|| pins.clone()),
+        ..Rollback::default()
+    };
+    // Creating (or opening) the maps proves the BPF privileges (first, so a user
+    // without them hears that); nothing is attached.
+    let ebpf = match loader::load(&pins, args.ebpf_object.as_deref()) {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            rollback.run(net).await;
+            return Err(e.into());
+        }
+    };
+    let socket = match control::bind(&args.socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            drop(ebpf);
+            rollback.run(net).await;
+            return Err(e.into());
+        }
+    };
+    // From here on a signal must not kill the process before cleanup: catch them
+    // now (tokio queues what arrives until the loop listens). Setup itself is never
+    // cut short (that could leave a step half done); a stop signal that arrives
+    // meanwhile undoes it afterwards.
+    let signals = Signals::install()?;
+    Ok(Prepared {
+        pins,
+        lock,
+        rollback,
+        ebpf,
+        socket,
+        signals,
+    })
+}
+
+pub(crate) async fn default_route_iface(net: &Netdev) -> anyhow::Result<String> {
     let Some((index, _)) = net.default_route().await? else {
         bail!("no IPv4 default route to take the underlay interface from: pass --iface");
     };
@@ -207,14 +250,14 @@ async fn default_route_iface(net: &Netdev) -> anyhow::Result<String> {
 }
 
 /// The signals the agent acts on.
-struct Signals {
-    term: Signal,
-    int: Signal,
-    hup: Signal,
+pub(crate) struct Signals {
+    pub(crate) term: Signal,
+    pub(crate) int: Signal,
+    pub(crate) hup: Signal,
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Self> {
+    pub(crate) fn install() -> std::io::Result<Self> {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
@@ -223,7 +266,7 @@ impl Signals {
     }
 
     /// SIGTERM or SIGINT if one arrived already (without waiting).
-    async fn pending_stop(&mut self) -> Option<&'static str> {
+    pub(crate) async fn pending_stop(&mut self) -> Option<&'static str> {
         tokio::select! {
             biased;
             _ = self.term.recv() => Some("SIGTERM"),
@@ -250,7 +293,22 @@ async fn serve(
     mut signals: Signals,
     rollback: &mut Rollback,
 ) -> anyhow::Result<()> {
-    let outcome = setup(args, net, &me, &remotes, pins, &mut ebpf, rollback).await;
+    let local = LocalPeer {
+        name: me.name,
+        short_id: me.short_id,
+        address: me.address,
+        sleeve_ifindex: 0,
+    };
+    let outcome = setup(
+        args,
+        net,
+        &local,
+        &remote_peers(&remotes),
+        pins,
+        &mut ebpf,
+        rollback,
+    )
+    .await;
     let stop = match &outcome {
         Ok(_) => signals.pending_stop().await,
         Err(_) => None,
@@ -302,22 +360,44 @@ async fn serve(
     Ok(())
 }
 
-/// Brings the datapath to the desired state: bridge, VXLAN device, maps (adopted
-/// from an earlier run where they exist), then the programs.
-async fn setup(
+/// This host as the datapath set-up needs it.
+pub(crate) struct LocalPeer {
+    /// Its name (for the log).
+    pub(crate) name: crate::peers::PeerName,
+    /// Its ShortID.
+    pub(crate) short_id: u16,
+    /// Its underlay address.
+    pub(crate) address: std::net::Ipv4Addr,
+    /// The sleeve's TAP device, 0 without one.
+    pub(crate) sleeve_ifindex: u32,
+}
+
+/// The bridge (created if absent, recorded in `rollback` then).
+pub(crate) async fn bridge(
     args: &RunArgs,
     net: &Netdev,
-    me: &Peer,
-    remotes: &[Peer],
+    rollback: &mut Rollback,
+) -> anyhow::Result<netdev::Link> {
+    let (bridge, created) = net.ensure_bridge(&args.bridge, u32::from(args.mtu)).await?;
+    if created {
+        rollback.bridge = Some((bridge.index, bridge.name.clone()));
+    }
+    Ok(bridge)
+}
+
+/// Brings the datapath to the desired state: bridge, VXLAN device, maps (adopted
+/// from an earlier run where they exist), then the programs.
+pub(crate) async fn setup(
+    args: &RunArgs,
+    net: &Netdev,
+    me: &LocalPeer,
+    remotes: &[RemotePeer],
     pins: &PinDir,
     ebpf: &mut aya::Ebpf,
     rollback: &mut Rollback,
 ) -> anyhow::Result<(Datapath<BpfMaps>, LocalSettings)> {
     let mtu = u32::from(args.mtu);
-    let (bridge, created) = net.ensure_bridge(&args.bridge, mtu).await?;
-    if created {
-        rollback.bridge = Some((bridge.index, bridge.name.clone()));
-    }
+    let bridge = bridge(args, net, rollback).await?;
     let port = args.port + 1;
     let (vxlan, created) = net.ensure_vxlan_device(port, mtu).await?;
     if created {
@@ -333,11 +413,11 @@ async fn setup(
         vxlan_ifindex: vxlan.index,
         mtu: args.mtu,
         mac_age_secs: DEFAULT_MAC_AGE_SECS,
-        sleeve_ifindex: 0,
+        sleeve_ifindex: me.sleeve_ifindex,
     };
     let (mut datapath, adopted) = Datapath::adopt(BpfMaps::take(ebpf)?)?;
     // Maps first, then programs: the programs never run unconfigured.
-    let report = datapath.apply(&settings, &remote_peers(remotes))?;
+    let report = datapath.apply(&settings, remotes)?;
     let attached = loader::attach(ebpf, pins, vxlan.index)?;
     net.activate(vxlan.index, port, mtu, bridge.index).await?;
     match net.root_qdisc(vxlan.index).await {

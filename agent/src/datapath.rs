@@ -99,6 +99,23 @@ impl<M: DatapathMaps> Datapath<M> {
         Ok((dp, n))
     }
 
+    /// The local settings the maps hold (after [`Datapath::adopt`]: an earlier run's).
+    pub fn local(&self) -> Option<LocalSettings> {
+        self.local
+    }
+
+    /// The peers the maps hold.
+    pub fn peers(&self) -> Vec<RemotePeer> {
+        self.peers
+            .iter()
+            .map(|(&short_id, e)| RemotePeer {
+                short_id,
+                addr: Ipv4Addr::from(e.addr),
+                sleeve: e.flags & PEER_SLEEVE != 0,
+            })
+            .collect()
+    }
+
     /// Makes the maps describe `local` and exactly `peers`.
     ///
     /// On error the maps may hold part of the change; calling `apply` again with

@@ -18,10 +18,12 @@ mod datapath;
 mod loader;
 mod maps;
 mod netdev;
-// The sleeve's I/O layer: wired into the agent by a later change; tests use it now.
+mod node;
 #[allow(dead_code)]
 mod offload;
+mod peering;
 mod peers;
+mod sleeve_io;
 mod status;
 #[allow(dead_code)]
 mod tap;

@@ -51,6 +51,24 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
 }
 
+impl Status {
+    /// The status of a peer that has no connections yet.
+    pub fn default_for(name: PeerName, nickname: &str) -> Self {
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            name,
+            nickname: nickname.to_owned(),
+            short_id: 0,
+            address: Ipv4Addr::UNSPECIFIED,
+            port: 0,
+            mtu: 0,
+            encryption: false,
+            connections: Vec::new(),
+            counters: BTreeMap::new(),
+        }
+    }
+}
+
 /// The local peer's link to one remote peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connection {

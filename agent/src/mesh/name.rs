@@ -75,6 +75,21 @@ impl PeerName {
         self.0.iter().fold(0, |acc, &b| (acc << 8) | u64::from(b))
     }
 
+    /// Weave's name for a machine: the first six bytes of SHA-256 over a fixed salt
+    /// and the machine's IDs (`/etc/machine-id` then the DMI or hypervisor UUID), as
+    /// a locally administered unicast MAC. The same machine always gets the same name.
+    pub fn from_system_id(system_id: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"9oBJ0Jmip-");
+        hash.update(system_id);
+        let sum = hash.finalize();
+        let mut name = [0u8; 6];
+        name.copy_from_slice(&sum[..6]);
+        name[0] = (name[0] & 0xfe) | 0x02;
+        PeerName(name)
+    }
+
     /// The name of a 48-bit number; the upper 16 bits of `value` are ignored.
     pub fn from_u64(value: u64) -> Self {
         let b = value.to_be_bytes();
@@ -122,6 +137,23 @@ mod tests {
         assert_eq!(serde_json::from_str::<PeerName>(&json).unwrap(), name);
         let e = serde_json::from_str::<PeerName>("\"nope\"").unwrap_err();
         assert!(e.to_string().contains("is not a peer name"), "{e}");
+    }
+
+    #[test]
+    fn system_names_are_stable_local_unicast_macs() {
+        let a = PeerName::from_system_id(b"0123456789abcdef0123456789abcdef\n");
+        assert_eq!(
+            a,
+            PeerName::from_system_id(b"0123456789abcdef0123456789abcdef\n")
+        );
+        assert_ne!(a, PeerName::from_system_id(b"another machine\n"));
+        assert_eq!(a.0[0] & 0x03, 0x02, "locally administered, unicast: {a}");
+        // SHA-256("9oBJ0Jmip-x") starts with c9 72 fa 2e 99 8a; the low bits of
+        // the first byte become 10 (as Weave's MACfromUUID does).
+        assert_eq!(
+            PeerName::from_system_id(b"x").to_string(),
+            "ca:72:fa:2e:99:8a"
+        );
     }
 
     #[test]

@@ -1,0 +1,1256 @@
+//! Mesh mode (`weft run [PEER...]`): weft as a peer of a Weave mesh.
+//!
+//! One task, the node, owns the mesh's state machine ([`Mesh`]), every connection's
+//! overlays (the sleeve's [`SleeveForwarder`] and the fast datapath's
+//! [`FastdpForwarder`]) and the choice between them, and keeps the eBPF datapath and
+//! the sleeve's data path equal to that state. Everything else reports to it over a
+//! channel: connection tasks ([`peering`]), the listener, dialling tasks, and the
+//! sleeve's data path (special frames, fast-datapath heartbeats). It reads the clock
+//! on a short tick, so timers of all state machines run from one place.
+//!
+//! Per connection, as Weave: the overlays both ends offer (fastdp first, then sleeve)
+//! are each set up; traffic takes the fast datapath while its heartbeats are
+//! acknowledged and keep arriving, else the sleeve. Between wefts heartbeats come every
+//! 500 ms, so a blocked fast path falls back within about 3 s and returns as soon as
+//! heartbeats arrive again. With a password, the fast datapath (not encrypted yet)
+//! is not offered: every connection uses the encrypted sleeve.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::mpsc;
+use weft::{
+    fastdp::{self, ControlOutcome, FastdpAction, FastdpForwarder},
+    mesh::{
+        PeerName, SessionKey, ShortId,
+        connection::{ConnectionConfig, LocalIdentity, RemoteIntro},
+        crypto::Password,
+        gossip::{self, TOPOLOGY_CHANNEL},
+        router::{Action, ConnInfo, ConnKey, DirectPeer, Mesh, MeshConfig, parse_host_port},
+        topology::RandomSource,
+        wire::Message,
+    },
+    sleeve::{SleeveAction, SleeveForwarder, forwarder::SpecialOutcome},
+};
+use weft_common::{maps::PeerStats, wire::vni};
+
+use crate::{
+    agent::{self, LocalPeer, Prepared},
+    cli::RunArgs,
+    control,
+    datapath::{Datapath, LocalSettings, RemotePeer},
+    maps::BpfMaps,
+    netdev::Netdev,
+    peering::{self, ConnEvent, ConnHandle},
+    sleeve_io::{Dataplane, DataplaneEvent, PeerSpec, SpecialSendError},
+    status::{Connection, ConnectionState, Direction, Overlay, Status},
+};
+
+/// The node's clock tick: the granularity of every timer (heartbeats are 500 ms).
+const TICK: Duration = Duration::from_millis(100);
+/// How long a peer's datapath entry outlives its connection (or, after a restart,
+/// an adopted entry waits for its peer to reconnect): a restart of either end does
+/// not interrupt fast-datapath traffic.
+const LINGER: Duration = Duration::from_secs(30);
+/// Largest password file read.
+const MAX_PASSWORD_FILE: u64 = 4096;
+
+/// Name of the overlay carried in the kernel.
+const FASTDP: &str = "fastdp";
+/// Name of Weave's userspace overlay.
+const SLEEVE: &str = "sleeve";
+
+/// Randomness from the OS.
+struct OsRandom;
+
+impl RandomSource for OsRandom {
+    fn next_u64(&mut self) -> u64 {
+        random_u64()
+    }
+}
+
+/// A random u64 from the OS.
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // The kernel's CSPRNG does not fail once the system is up.
+    getrandom::fill(&mut b).expect("getrandom");
+    u64::from_ne_bytes(b)
+}
+
+/// 32 random bytes from the OS.
+fn random_32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("getrandom");
+    b
+}
+
+/// The password: `--password-file` (one trailing newline dropped), else
+/// `WEAVE_PASSWORD`. Never logged.
+fn load_password(args: &RunArgs) -> anyhow::Result<Option<Password>> {
+    use std::io::Read;
+    if let Some(path) = &args.password_file {
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_PASSWORD_FILE + 1).read_to_end(&mut bytes))
+            .with_context(|| format!("reading the password file {}", path.display()))?;
+        if bytes.len() as u64 > MAX_PASSWORD_FILE {
+            bail!(
+                "the password file {} is longer than {MAX_PASSWORD_FILE} bytes",
+                path.display()
+            );
+        }
+        if bytes.ends_with(b"\n") {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
+            }
+        }
+        if bytes.is_empty() {
+            bail!("the password file {} is empty", path.display());
+        }
+        return Ok(Some(Password::new(bytes)));
+    }
+    Ok(std::env::var_os("WEAVE_PASSWORD")
+        .filter(|p| !p.is_empty())
+        .map(|p| Password::new(std::os::unix::ffi::OsStringExt::into_vec(p))))
+}
+
+/// The host name, for the default nickname.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Weave's default peer name: the bridge's MAC if it exists, else one derived from
+/// the machine's IDs (`/etc/machine-id` and the DMI/hypervisor UUID) so it is stable
+/// across restarts, else random.
+async fn default_name(net: &Netdev, bridge: &str) -> anyhow::Result<PeerName> {
+    if let Some(link) = net.link(bridge).await?
+        && link.mac != [0; 6]
+    {
+        return Ok(PeerName(link.mac));
+    }
+    let read = |paths: &[&str]| {
+        paths
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .unwrap_or_default()
+    };
+    let machine_id = read(&["/etc/machine-id", "/var/lib/dbus/machine-id"]);
+    let uuid = read(&["/sys/class/dmi/id/product_uuid", "/sys/hypervisor/uuid"]);
+    let mut system_id = machine_id;
+    system_id.extend_from_slice(&uuid);
+    Ok(if system_id.is_empty() {
+        let b = random_u64().to_be_bytes();
+        PeerName::from_system_id(&b)
+    } else {
+        PeerName::from_system_id(&system_id)
+    })
+}
+
+/// `weft run` in mesh mode.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // 1. Checks that change nothing.
+    let password = load_password(&args)?;
+    let net = Netdev::connect()?;
+    let (underlay, addrs) = agent::underlay(&args, &net).await?;
+    let Some(&(address, _)) = addrs.first() else {
+        bail!(
+            "{} has no IPv4 address: peers could not reach this host (--iface)",
+            underlay.name
+        );
+    };
+    let name = match args.name {
+        Some(name) => name,
+        None => default_name(&net, &args.bridge).await?,
+    };
+    let nickname = args.nickname.clone().unwrap_or_else(hostname);
+    let mut targets = Vec::new();
+    for spec in &args.peers {
+        targets.push(resolve_target(spec, args.port).await?);
+    }
+    let Prepared {
+        pins,
+        lock: _lock,
+        mut rollback,
+        mut ebpf,
+        socket,
+        mut signals,
+    } = agent::prepare(&args, &net).await?;
+
+    // 2. Kernel state: bridge, the sleeve's TAP device, the datapath.
+    let setup = async {
+        let bridge = agent::bridge(&args, &net, &mut rollback).await?;
+        let tap = crate::tap::Tap::create(SLEEVE_DEVICE, Some(u32::from(args.mtu)))
+            .with_context(|| format!("creating the sleeve's TAP device {SLEEVE_DEVICE}"))?;
+        let tap_index = tap.ifindex()?;
+        net.set_up(tap_index, Some(u32::from(args.mtu)), Some(bridge.index))
+            .await
+            .with_context(|| format!("attaching {SLEEVE_DEVICE} to {}", args.bridge))?;
+        // Keep this host's ShortID across restarts: peers' datapaths name it.
+        let adopted = Datapath::adopt(BpfMaps::take(&mut ebpf)?)?.0;
+        let short_id = adopted
+            .local()
+            .filter(|l| l.addr == address)
+            .map(|l| l.short_id)
+            .unwrap_or_else(|| (random_u64() & 0x0fff) as ShortId);
+        let lingering: Vec<RemotePeer> = adopted.peers();
+        drop(adopted);
+        let local = LocalPeer {
+            name,
+            short_id,
+            address,
+            sleeve_ifindex: tap_index,
+        };
+        let (datapath, settings) = agent::setup(
+            &args,
+            &net,
+            &local,
+            &lingering,
+            &pins,
+            &mut ebpf,
+            &mut rollback,
+        )
+        .await?;
+        anyhow::Ok((tap, datapath, settings, lingering))
+    }
+    .await;
+    let stop = match &setup {
+        Ok(_) => signals.pending_stop().await,
+        Err(_) => None,
+    };
+    let (tap, datapath, settings, lingering) = match (setup, stop) {
+        (Ok(ready), None) => ready,
+        (outcome, stop) => {
+            if let Some(sig) = stop {
+                tracing::info!("{sig} during setup: undoing it");
+            }
+            drop(ebpf);
+            rollback.run(&net).await;
+            return outcome.map(drop);
+        }
+    };
+    drop(rollback);
+    drop(ebpf);
+
+    // 3. The mesh.
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (dp_tx, dp_events) = mpsc::unbounded_channel();
+    let dataplane = Dataplane::start(tap, args.port, name, dp_tx)
+        .context("starting the sleeve's data path (UDP 6783)")?;
+    let listener = peering::listen(args.port)
+        .with_context(|| format!("listening on TCP port {}", args.port))?;
+    let fastdp_socket = fastdp_socket(address).context("opening the fast-datapath socket")?;
+    let uid = random_u64() | 1;
+    let now = Instant::now();
+    let mut config = MeshConfig::new(name, nickname.clone(), uid, settings.short_id);
+    config.port = args.port;
+    config.conn_limit = args.conn_limit;
+    let mut mesh = Mesh::new(config, now, Box::new(OsRandom));
+    mesh.set_local_addresses([IpAddr::V4(address)]);
+    let fastdp_enabled = !args.no_fastdp && password.is_none();
+    let overlays = if fastdp_enabled {
+        format!("{FASTDP} {SLEEVE}")
+    } else {
+        SLEEVE.to_owned()
+    };
+    tracing::info!(
+        %name,
+        nickname = %nickname,
+        short_id = settings.short_id,
+        %address,
+        encryption = password.is_some(),
+        overlays = %overlays,
+        "weft: joining the mesh"
+    );
+    if password.is_some() {
+        tracing::info!(
+            "a password is set: connections and the sleeve are encrypted; the fast \
+             datapath is not offered (it cannot be encrypted yet), so traffic uses the sleeve"
+        );
+    }
+    let shared = Arc::new(Mutex::new(Status::default_for(name, &nickname)));
+    let mut node = Node {
+        mesh,
+        conns: HashMap::new(),
+        next_conn: 1,
+        identity: LocalIdentity {
+            name,
+            nickname,
+            uid,
+            short_id: Some(settings.short_id),
+        },
+        password,
+        overlays,
+        port: args.port,
+        mtu: args.mtu,
+        address,
+        events_tx: events_tx.clone(),
+        datapath,
+        settings,
+        dataplane,
+        fastdp_socket,
+        lingering: lingering
+            .into_iter()
+            .map(|p| (p.short_id, (p, now + LINGER)))
+            .collect(),
+        status: shared.clone(),
+        dirty: true,
+    };
+    let actions = node.mesh.add_targets(now, targets, false);
+    node.apply(actions, now);
+
+    let server = tokio::spawn(socket.serve(NodeHandler {
+        status: shared,
+        events: events_tx.clone(),
+    }));
+    tokio::spawn(accept_loop(listener, events_tx.clone()));
+    let outcome = node.serve(events, dp_events, &mut signals).await;
+    server.abort();
+    let _ = server.await;
+    outcome
+}
+
+/// Name of the sleeve's TAP device, a port of the bridge.
+pub const SLEEVE_DEVICE: &str = "weft-sleeve";
+
+/// Resolves `host[:port]` (host names through the system resolver).
+async fn resolve_target(spec: &str, port: u16) -> anyhow::Result<DirectPeer> {
+    if let Ok(peer) = DirectPeer::parse_literal(spec) {
+        return Ok(peer);
+    }
+    let (host, p) = parse_host_port(spec)?;
+    let p = p.unwrap_or(port);
+    let addr = tokio::net::lookup_host((host.as_str(), p))
+        .await
+        .with_context(|| format!("resolving peer {spec:?}"))?
+        .find(SocketAddr::is_ipv4)
+        .with_context(|| format!("peer {spec:?} has no IPv4 address"))?;
+    Ok(DirectPeer {
+        spec: spec.to_owned(),
+        ip: addr.ip(),
+        port: Some(p),
+    })
+}
+
+/// A UDP socket for fast-datapath heartbeats: from our underlay address, DF set
+/// (they prove the path MTU).
+fn fastdp_socket(address: Ipv4Addr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let value: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: a valid socket descriptor and an option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(&SocketAddr::from((address, 0)).into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Accepts connections and hands them to the node (which applies the rate limit).
+async fn accept_loop(listener: tokio::net::TcpListener, events: mpsc::UnboundedSender<Input>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, from)) => {
+                if events.send(Input::Accepted(stream, from)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "mesh listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What reaches the node.
+#[derive(Debug)]
+enum Input {
+    /// An inbound TCP connection.
+    Accepted(tokio::net::TcpStream, SocketAddr),
+    /// A dial finished.
+    Dialled(SocketAddr, Result<tokio::net::TcpStream, String>),
+    /// A connection task's report.
+    Conn(ConnKey, ConnEvent),
+    /// `weft connect` / `weft forget`.
+    Targets {
+        connect: bool,
+        peers: Vec<DirectPeer>,
+        specs: Vec<String>,
+    },
+}
+
+fn wrap(conn: ConnKey, event: ConnEvent) -> Input {
+    Input::Conn(conn, event)
+}
+
+/// One TCP connection as the node sees it.
+struct Conn {
+    handle: ConnHandle,
+    outbound: bool,
+    remote: SocketAddr,
+    ready: Option<Ready>,
+}
+
+/// A connection past its handshake, with its overlays.
+struct Ready {
+    name: PeerName,
+    nickname: String,
+    short_id: Option<ShortId>,
+    conn_uid: u64,
+    key: Option<SessionKey>,
+    /// The remote sent no `Overlays`: sleeve control messages are bare tags 1..3.
+    compat: bool,
+    sleeve: Option<(u8, SleeveForwarder)>,
+    fastdp: Option<(u8, FastdpForwarder)>,
+    /// Reported established to the mesh.
+    established: bool,
+    /// The fast datapath carries the traffic now.
+    on_fastdp: bool,
+}
+
+impl Ready {
+    fn label(&self) -> String {
+        format!("{}({})", self.name, self.nickname)
+    }
+
+    /// The overlay carrying traffic now, if any.
+    fn overlay(&self) -> Option<&'static str> {
+        if self.on_fastdp {
+            Some(FASTDP)
+        } else if self
+            .sleeve
+            .as_ref()
+            .is_some_and(|(_, s)| s.is_established())
+        {
+            Some(SLEEVE)
+        } else {
+            None
+        }
+    }
+}
+
+/// The node: see the module documentation.
+struct Node {
+    mesh: Mesh,
+    conns: HashMap<ConnKey, Conn>,
+    next_conn: ConnKey,
+    identity: LocalIdentity,
+    password: Option<Password>,
+    overlays: String,
+    port: u16,
+    mtu: u16,
+    address: Ipv4Addr,
+    events_tx: mpsc::UnboundedSender<Input>,
+    datapath: Datapath<BpfMaps>,
+    settings: LocalSettings,
+    dataplane: Dataplane,
+    fastdp_socket: std::net::UdpSocket,
+    /// Datapath entries kept for a while without a connection: ShortID -> (entry,
+    /// until).
+    lingering: BTreeMap<ShortId, (RemotePeer, Instant)>,
+    status: Arc<Mutex<Status>>,
+    /// The datapath, the sleeve's peers or the status need a refresh.
+    dirty: bool,
+}
+
+impl Node {
+    /// Runs until SIGTERM/SIGINT.
+    async fn serve(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Input>,
+        mut dp_events: mpsc::UnboundedReceiver<DataplaneEvent>,
+        signals: &mut agent::Signals,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = signals.term.recv() => break self.stop("SIGTERM"),
+                _ = signals.int.recv() => break self.stop("SIGINT"),
+                _ = signals.hup.recv() => {
+                    tracing::info!("SIGHUP: nothing to reload in mesh mode (use weft connect/forget)");
+                }
+                Some(input) = events.recv() => self.on_input(input, Instant::now()),
+                Some(event) = dp_events.recv() => self.on_dataplane(event, Instant::now()),
+                _ = tick.tick() => self.on_tick(Instant::now()),
+            }
+            if self.dirty {
+                self.dirty = false;
+                self.sync(Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self, sig: &str) {
+        tracing::info!(
+            "{sig}: stopping the agent; the fast datapath keeps forwarding (weft reset removes it)"
+        );
+        for conn in self.conns.values() {
+            conn.handle.close();
+        }
+    }
+
+    fn on_input(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::Accepted(stream, from) => {
+                if !self.mesh.accept_allowed(now) {
+                    tracing::debug!(%from, "connection refused: accept rate limit");
+                    return;
+                }
+                self.start_connection(stream, from, false);
+            }
+            Input::Dialled(addr, Ok(stream)) => self.start_connection(stream, addr, true),
+            Input::Dialled(addr, Err(reason)) => {
+                tracing::info!("->[{addr}] attempt failed: {reason}");
+                let actions = self.mesh.dial_failed(now, addr, &reason);
+                self.apply(actions, now);
+            }
+            Input::Conn(conn, event) => self.on_conn(conn, event, now),
+            Input::Targets {
+                connect,
+                peers,
+                specs,
+            } => {
+                let actions = if connect {
+                    self.mesh.add_targets(now, peers, false)
+                } else {
+                    self.mesh.forget_targets(now, &specs)
+                };
+                self.apply(actions, now);
+            }
+        }
+        self.dirty = true;
+    }
+
+    fn start_connection(
+        &mut self,
+        stream: tokio::net::TcpStream,
+        remote: SocketAddr,
+        outbound: bool,
+    ) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let config = ConnectionConfig {
+            identity: LocalIdentity {
+                short_id: Some(self.mesh.local().short_id.unwrap_or(self.settings.short_id)),
+                ..self.identity.clone()
+            },
+            password: self.password.clone(),
+            overlays: Some(self.overlays.clone()),
+            trusted: false,
+            fast_heartbeat: self.overlays.starts_with(FASTDP),
+            outbound,
+            conn_id: random_u64(),
+            key_random: random_32(),
+        };
+        let handle = peering::spawn_connection(conn, stream, config, self.events_tx.clone(), wrap);
+        self.conns.insert(
+            conn,
+            Conn {
+                handle,
+                outbound,
+                remote,
+                ready: None,
+            },
+        );
+    }
+
+    fn on_conn(&mut self, conn: ConnKey, event: ConnEvent, now: Instant) {
+        match event {
+            ConnEvent::Ready(intro) => self.on_ready(conn, *intro, now),
+            ConnEvent::Message(msg) => self.on_message(conn, msg, now),
+            ConnEvent::Closed { reason, ready } => {
+                let Some(c) = self.conns.remove(&conn) else {
+                    return;
+                };
+                let who = c.ready.as_ref().map_or_else(
+                    || c.remote.to_string(),
+                    |r| format!("{}|{}", c.remote, r.label()),
+                );
+                let arrow = if c.outbound { "->" } else { "<-" };
+                tracing::info!("{arrow}[{who}]: connection shutting down due to error: {reason}");
+                if let Some(r) = &c.ready {
+                    self.linger(r, now);
+                }
+                let actions = if ready {
+                    self.mesh.connection_closed(now, conn, &reason)
+                } else if c.outbound {
+                    self.mesh.handshake_failed(now, c.remote, &reason)
+                } else {
+                    Vec::new()
+                };
+                self.apply(actions, now);
+            }
+        }
+    }
+
+    /// Keeps a closed connection's datapath entry for [`LINGER`].
+    fn linger(&mut self, r: &Ready, now: Instant) {
+        if let (Some(short_id), IpAddr::V4(_)) = (r.short_id, IpAddr::V4(self.address)) {
+            if let Some(entry) = self.datapath_entry(r, short_id) {
+                self.lingering.insert(short_id, (entry, now + LINGER));
+            }
+        }
+    }
+
+    fn on_ready(&mut self, conn: ConnKey, intro: RemoteIntro, now: Instant) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let features = &intro.features;
+        let (outbound, remote) = (c.outbound, c.remote);
+        // The overlays both ends offer, in Weave's order (fastdp, sleeve).
+        let shared: Vec<&str> = match &features.overlays {
+            None => vec![SLEEVE],
+            Some(theirs) => self
+                .overlays
+                .split_whitespace()
+                .filter(|o| theirs.iter().any(|t| t == o))
+                .collect(),
+        };
+        if shared.is_empty() {
+            c.handle.close();
+            let reason = "no overlays in common with peer";
+            tracing::info!("connection to {remote} refused: {reason}");
+            return;
+        }
+        let info = ConnInfo {
+            name: features.name,
+            nickname: features.nickname.clone(),
+            uid: features.uid,
+            short_id: features.short_id,
+            conn_uid: intro.conn_uid,
+            remote_addr: remote,
+            outbound,
+        };
+        let actions = self.mesh.connection_ready(now, conn, info);
+        let rejected = actions
+            .iter()
+            .any(|a| matches!(a, Action::Close { conn: k, .. } if *k == conn));
+        if !rejected {
+            let key = intro.session_key.clone();
+            let sleeve_index = shared.iter().position(|o| *o == SLEEVE);
+            let fastdp_index = shared.iter().position(|o| *o == FASTDP);
+            // The sleeve's UDP address: the TCP address we dialled (Weave listens on the
+            // same port for both); an inbound peer's is learnt from its heartbeats.
+            let udp = outbound.then_some(remote);
+            let sleeve = sleeve_index.map(|i| {
+                (
+                    i as u8,
+                    SleeveForwarder::new(
+                        self.identity.name,
+                        features.name,
+                        intro.conn_uid,
+                        outbound,
+                        key.as_ref(),
+                        udp,
+                        now,
+                    ),
+                )
+            });
+            let fastdp = fastdp_index
+                .filter(|_| features.short_id.is_some() && remote.is_ipv4())
+                .map(|i| {
+                    (
+                        i as u8,
+                        FastdpForwarder::new(
+                            intro.conn_uid,
+                            self.mtu,
+                            features.fast_heartbeat,
+                            now,
+                        ),
+                    )
+                });
+            let arrow = if outbound { "->" } else { "<-" };
+            tracing::info!(
+                "{arrow}[{remote}|{}({})]: connection ready; overlays: {}",
+                features.name,
+                features.nickname,
+                shared.join(" ")
+            );
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.ready = Some(Ready {
+                    name: features.name,
+                    nickname: features.nickname.clone(),
+                    short_id: features.short_id,
+                    conn_uid: intro.conn_uid,
+                    key,
+                    compat: features.overlays.is_none(),
+                    sleeve,
+                    fastdp,
+                    established: false,
+                    on_fastdp: false,
+                });
+            }
+            if let Some(short_id) = features.short_id {
+                self.lingering.remove(&short_id);
+            }
+        }
+        self.apply(actions, now);
+        self.poll_overlays(conn, now);
+    }
+
+    fn on_message(&mut self, conn: ConnKey, msg: Message, now: Instant) {
+        match msg {
+            Message::Heartbeat => {}
+            Message::Gossip {
+                channel, payload, ..
+            }
+            | Message::GossipBroadcast {
+                channel, payload, ..
+            } if channel == TOPOLOGY_CHANNEL => match gossip::decode_topology(&payload) {
+                Ok(updates) => {
+                    let actions = self.mesh.topology_received(now, conn, updates);
+                    self.apply(actions, now);
+                }
+                Err(e) => self.close(conn, &format!("topology gossip: {e}")),
+            },
+            Message::GossipUnicast { channel, .. } if channel == TOPOLOGY_CHANNEL => {
+                self.close(conn, "unexpected topology gossip unicast");
+            }
+            // IPAM and DNS gossip: not weft's concern.
+            Message::Gossip { .. }
+            | Message::GossipUnicast { .. }
+            | Message::GossipBroadcast { .. } => {}
+            Message::CompatSleeve { tag, body } => {
+                self.on_overlay_control(conn, None, tag, &body, now)
+            }
+            Message::OverlayControl {
+                index,
+                subtag,
+                body,
+            } => self.on_overlay_control(conn, Some(index), subtag, &body, now),
+        }
+    }
+
+    fn on_overlay_control(
+        &mut self,
+        conn: ConnKey,
+        index: Option<u8>,
+        subtag: u8,
+        body: &[u8],
+        now: Instant,
+    ) {
+        let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) else {
+            return;
+        };
+        let label = r.label();
+        match index {
+            Some(i) if r.fastdp.as_ref().is_some_and(|(fi, _)| *fi == i) => {
+                let (_, fwd) = r.fastdp.as_mut().expect("checked");
+                match fwd.on_control(subtag, now) {
+                    Ok(ControlOutcome::Acknowledged) => {
+                        tracing::info!("[{label}]: fastdp: heartbeats acknowledged");
+                    }
+                    Ok(ControlOutcome::Repeated) => {}
+                    Ok(ControlOutcome::Unsupported) => tracing::warn!(
+                        "[{label}]: the peer asked for IPsec on the fast datapath, which weft does \
+                         not do yet: its traffic stays on the sleeve"
+                    ),
+                    Err(e) => tracing::warn!("[{label}]: {e}"),
+                }
+            }
+            Some(i) if r.sleeve.as_ref().is_none_or(|(si, _)| *si != i) => {
+                tracing::warn!(
+                    "[{label}]: overlay control message for unknown overlay {i}; ignored"
+                );
+            }
+            _ => {
+                if let Some((_, fwd)) = r.sleeve.as_mut()
+                    && let Err(e) = fwd.on_control(subtag, body, now)
+                {
+                    tracing::warn!("[{label}]: sleeve: {e}");
+                }
+            }
+        }
+        self.poll_overlays(conn, now);
+    }
+
+    fn on_dataplane(&mut self, event: DataplaneEvent, now: Instant) {
+        match event {
+            DataplaneEvent::Special {
+                sender,
+                from,
+                frame,
+            } => {
+                let Some((conn, r)) = self
+                    .conns
+                    .iter_mut()
+                    .filter_map(|(k, c)| c.ready.as_mut().map(|r| (*k, r)))
+                    .find(|(_, r)| r.name == sender)
+                else {
+                    return;
+                };
+                if let Some((_, fwd)) = r.sleeve.as_mut() {
+                    match fwd.on_special_frame(from, &frame, now) {
+                        Ok(SpecialOutcome::WrongConnUid(_)) | Err(_) => {}
+                        Ok(_) => {}
+                    }
+                }
+                self.poll_overlays(conn, now);
+            }
+            DataplaneEvent::FastdpHeartbeat { conn_uid } => {
+                let Some(conn) = self
+                    .conns
+                    .iter()
+                    .find(|(_, c)| c.ready.as_ref().is_some_and(|r| r.conn_uid == conn_uid))
+                    .map(|(k, _)| *k)
+                else {
+                    return;
+                };
+                let actions = self
+                    .conns
+                    .get_mut(&conn)
+                    .and_then(|c| c.ready.as_mut())
+                    .and_then(|r| r.fastdp.as_mut())
+                    .map(|(_, f)| f.on_heartbeat(now))
+                    .unwrap_or_default();
+                self.fastdp_actions(conn, actions);
+                self.poll_overlays(conn, now);
+            }
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        if now >= self.mesh.next_deadline() {
+            let actions = self.mesh.poll(now);
+            self.apply(actions, now);
+        }
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for conn in keys {
+            self.poll_overlays(conn, now);
+        }
+        let before = self.lingering.len();
+        self.lingering.retain(|_, (_, until)| *until > now);
+        if self.lingering.len() != before {
+            self.dirty = true;
+        }
+    }
+
+    /// Runs a connection's overlay timers and acts on what they ask; re-evaluates
+    /// which overlay carries its traffic.
+    fn poll_overlays(&mut self, conn: ConnKey, now: Instant) {
+        let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) else {
+            return;
+        };
+        let sleeve_actions = r
+            .sleeve
+            .as_mut()
+            .map(|(_, f)| f.poll(now))
+            .unwrap_or_default();
+        let fastdp_actions = r
+            .fastdp
+            .as_mut()
+            .map(|(_, f)| f.poll(now))
+            .unwrap_or_default();
+        for action in sleeve_actions {
+            self.sleeve_action(conn, action, now);
+        }
+        self.fastdp_actions(conn, fastdp_actions);
+        let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) else {
+            return;
+        };
+        let fastdp_ok = r.fastdp.as_ref().is_some_and(|(_, f)| f.is_healthy(now));
+        if fastdp_ok != r.on_fastdp {
+            r.on_fastdp = fastdp_ok;
+            let label = r.label();
+            tracing::info!(
+                "[{label}]: using {}",
+                if fastdp_ok { FASTDP } else { SLEEVE }
+            );
+            self.dirty = true;
+        }
+        let r = self
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.ready.as_mut())
+            .expect("present");
+        let any = r.on_fastdp
+            || r.sleeve.as_ref().is_some_and(|(_, s)| s.is_established())
+            || r.fastdp.as_ref().is_some_and(|(_, f)| f.is_established());
+        if any && !r.established {
+            r.established = true;
+            tracing::info!("[{}]: connection fully established", r.label());
+            let actions = self.mesh.connection_established(now, conn);
+            self.apply(actions, now);
+            self.dirty = true;
+        }
+    }
+
+    fn sleeve_action(&mut self, conn: ConnKey, action: SleeveAction, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(r) = c.ready.as_mut() else {
+            return;
+        };
+        match action {
+            SleeveAction::SendSpecial { frame, df } => {
+                match self.dataplane.send_special(r.name, &frame, df) {
+                    Ok(()) | Err(SpecialSendError::NoAddress) => {}
+                    Err(SpecialSendError::MessageTooBig {
+                        path_mtu: Some(pmtu),
+                    }) => {
+                        if let Some((_, f)) = r.sleeve.as_mut() {
+                            f.on_path_mtu(pmtu, now);
+                        }
+                    }
+                    Err(e) => tracing::debug!("[{}]: sleeve send: {e}", r.label()),
+                }
+            }
+            SleeveAction::SendControl { subtag, body } => {
+                let msg = if r.compat {
+                    Message::CompatSleeve { tag: subtag, body }
+                } else {
+                    let index = r.sleeve.as_ref().map_or(0, |(i, _)| *i);
+                    Message::OverlayControl {
+                        index,
+                        subtag,
+                        body,
+                    }
+                };
+                c.handle.send(msg);
+            }
+            SleeveAction::Established => {
+                tracing::info!("[{}]: sleeve established", r.label());
+                self.dirty = true;
+            }
+            SleeveAction::RemoteAddr(_) | SleeveAction::MtuChanged(_) => self.dirty = true,
+            SleeveAction::StackFragVerified => {}
+            SleeveAction::Failed(failure) => {
+                let healthy_fastdp = r.on_fastdp;
+                let label = r.label();
+                if !healthy_fastdp {
+                    let reason = if r.compat {
+                        failure.to_string()
+                    } else {
+                        format!("no working forwarders to {label}")
+                    };
+                    self.close(conn, &reason);
+                } else {
+                    tracing::warn!("[{label}]: sleeve: {failure}");
+                }
+            }
+        }
+    }
+
+    fn fastdp_actions(&mut self, conn: ConnKey, actions: Vec<FastdpAction>) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(r) = c.ready.as_ref() else {
+            return;
+        };
+        let Some((index, fwd)) = r.fastdp.as_ref() else {
+            return;
+        };
+        for action in actions {
+            match action {
+                FastdpAction::SendAck => c.handle.send(Message::OverlayControl {
+                    index: *index,
+                    subtag: fastdp::SUBTAG_HEARTBEAT_ACK,
+                    body: Vec::new(),
+                }),
+                FastdpAction::SendHeartbeat => {
+                    let (Some(peer_id), IpAddr::V4(ip)) = (r.short_id, c.remote.ip()) else {
+                        continue;
+                    };
+                    let local_id = self.settings.short_id;
+                    let mut datagram = vxlan_header(vni(peer_id, local_id)).to_vec();
+                    datagram.extend_from_slice(&fastdp::heartbeat(fwd.conn_uid(), fwd.mtu()));
+                    // The peer receives VXLAN on its control port + 1 (Weave's rule:
+                    // the dialled port if we dialled, else our own).
+                    let port = if c.outbound {
+                        c.remote.port()
+                    } else {
+                        self.port
+                    } + 1;
+                    if let Err(e) = self
+                        .fastdp_socket
+                        .send_to(&datagram, SocketAddrV4::new(ip, port))
+                    {
+                        tracing::debug!("[{}]: fastdp heartbeat: {e}", r.label());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes a connection (the mesh forgets it).
+    fn close(&mut self, conn: ConnKey, reason: &str) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.handle.close();
+            tracing::info!("[{}]: closing: {reason}", c.remote);
+        }
+        let now = Instant::now();
+        if let Some(c) = self.conns.remove(&conn) {
+            if let Some(r) = &c.ready {
+                self.linger(r, now);
+            }
+            let actions = self.mesh.connection_closed(now, conn, reason);
+            self.apply(actions, now);
+        }
+        self.dirty = true;
+    }
+
+    /// Carries out the mesh's actions.
+    fn apply(&mut self, actions: Vec<Action>, now: Instant) {
+        for action in actions {
+            match action {
+                Action::Dial(addr) => {
+                    let events = self.events_tx.clone();
+                    let local = Some(IpAddr::V4(self.address));
+                    tokio::spawn(async move {
+                        let result = peering::dial(addr, local).await;
+                        let _ = events.send(Input::Dialled(addr, result));
+                    });
+                }
+                Action::SendTopology { conn, updates } => {
+                    if let Some(c) = self.conns.get(&conn) {
+                        c.handle.send(Message::Gossip {
+                            channel: TOPOLOGY_CHANNEL.to_owned(),
+                            source: self.identity.name,
+                            payload: gossip::encode_topology(&updates),
+                        });
+                    }
+                }
+                Action::Close { conn, reason } => {
+                    if let Some(c) = self.conns.remove(&conn) {
+                        tracing::info!("[{}]: {reason}", c.remote);
+                        c.handle.close();
+                        if let Some(r) = &c.ready {
+                            self.linger(r, now);
+                        }
+                    }
+                    self.dirty = true;
+                }
+                Action::TopologyChanged => self.dirty = true,
+            }
+        }
+    }
+
+    /// The datapath entry of a connection's peer.
+    fn datapath_entry(&self, r: &Ready, short_id: ShortId) -> Option<RemotePeer> {
+        let conn = self
+            .conns
+            .values()
+            .find(|c| c.ready.as_ref().is_some_and(|x| x.conn_uid == r.conn_uid))?;
+        let IpAddr::V4(addr) = conn.remote.ip() else {
+            return None;
+        };
+        Some(RemotePeer {
+            short_id,
+            addr,
+            sleeve: !r.on_fastdp,
+        })
+    }
+
+    /// Makes the datapath, the sleeve's peers and the status match the node's state.
+    fn sync(&mut self, now: Instant) {
+        // Our ShortID may have changed (a clash we lost).
+        if let Some(id) = self.mesh.local().short_id
+            && id != self.settings.short_id
+        {
+            tracing::info!(
+                old = self.settings.short_id,
+                new = id,
+                "our ShortID changed"
+            );
+            self.settings.short_id = id;
+            self.identity.short_id = Some(id);
+        }
+        let mut desired: BTreeMap<ShortId, RemotePeer> = BTreeMap::new();
+        let mut sleeve_peers = Vec::new();
+        for c in self.conns.values() {
+            let Some(r) = &c.ready else { continue };
+            if let (Some(short_id), IpAddr::V4(addr)) = (r.short_id, c.remote.ip())
+                && short_id != self.settings.short_id
+            {
+                desired.entry(short_id).or_insert(RemotePeer {
+                    short_id,
+                    addr,
+                    sleeve: !r.on_fastdp,
+                });
+            }
+            if let Some((_, fwd)) = &r.sleeve {
+                sleeve_peers.push(PeerSpec {
+                    name: r.name,
+                    conn_uid: r.conn_uid,
+                    outbound: c.outbound,
+                    key: r.key.clone(),
+                    addr: fwd.remote_addr(),
+                    mtu: fwd.mtu(),
+                    carries: !r.on_fastdp && fwd.is_established(),
+                });
+            }
+        }
+        for (id, (entry, until)) in &self.lingering {
+            if *until > now && *id != self.settings.short_id {
+                desired.entry(*id).or_insert(*entry);
+            }
+        }
+        let peers: Vec<RemotePeer> = desired.into_values().collect();
+        if let Err(e) = self.datapath.apply(&self.settings, &peers) {
+            tracing::error!(error = %e, "updating the datapath (retried on the next change)");
+            self.dirty = true;
+        }
+        self.dataplane.set_peers(sleeve_peers);
+        let status = self.snapshot();
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+    }
+
+    /// The status snapshot.
+    fn snapshot(&self) -> Status {
+        let stats = self.dataplane.stats();
+        let connections = self
+            .conns
+            .values()
+            .filter_map(|c| {
+                let r = c.ready.as_ref()?;
+                let SocketAddr::V4(address) = c.remote else {
+                    return None;
+                };
+                let fast = r
+                    .short_id
+                    .and_then(|id| self.datapath.peer_stats(id).ok())
+                    .unwrap_or_default();
+                let slow = stats.peers.get(&r.name).copied().unwrap_or_default();
+                let mtu = if r.on_fastdp {
+                    self.mtu
+                } else {
+                    r.sleeve.as_ref().map_or(self.mtu, |(_, s)| s.mtu())
+                };
+                let _ = PeerStats::default();
+                Some(Connection {
+                    direction: if c.outbound {
+                        Direction::Outbound
+                    } else {
+                        Direction::Inbound
+                    },
+                    address,
+                    state: if r.overlay().is_some() {
+                        ConnectionState::Established
+                    } else {
+                        ConnectionState::Pending
+                    },
+                    overlay: Overlay::Fastdp,
+                    name: r.name,
+                    nickname: r.nickname.clone(),
+                    short_id: r.short_id.unwrap_or(0),
+                    mtu,
+                    tx_packets: fast.tx_packets + slow.tx_packets,
+                    tx_bytes: fast.tx_bytes + slow.tx_bytes,
+                    rx_packets: fast.rx_packets + slow.rx_packets,
+                    rx_bytes: fast.rx_bytes + slow.rx_bytes,
+                })
+            })
+            .collect();
+        let counters = self
+            .datapath
+            .counters()
+            .map(|cs| {
+                cs.into_iter()
+                    .map(|(c, v)| (c.name().to_owned(), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            name: self.identity.name,
+            nickname: self.identity.nickname.clone(),
+            short_id: self.settings.short_id,
+            address: self.address,
+            port: self.port,
+            mtu: self.mtu,
+            encryption: self.password.is_some(),
+            connections,
+            counters,
+        }
+    }
+}
+
+/// A VXLAN header (flags: VNI valid) for `vni`.
+fn vxlan_header(vni: u32) -> [u8; 8] {
+    let v = vni.to_be_bytes();
+    [0x08, 0, 0, 0, v[1], v[2], v[3], 0]
+}
+
+/// Control requests in mesh mode.
+struct NodeHandler {
+    status: Arc<Mutex<Status>>,
+    events: mpsc::UnboundedSender<Input>,
+}
+
+impl NodeHandler {
+    fn targets(&self, connect: bool, specs: Vec<String>) -> Result<(), String> {
+        let mut peers = Vec::new();
+        if connect {
+            for spec in &specs {
+                // Host names are resolved by `weft connect`'s caller side? No: the
+                // agent takes literal addresses here and names through the resolver.
+                match DirectPeer::parse_literal(spec) {
+                    Ok(p) => peers.push(p),
+                    Err(_) => {
+                        let resolved = std::net::ToSocketAddrs::to_socket_addrs(&(
+                            parse_host_port(spec).map_err(|e| e.to_string())?.0.as_str(),
+                            0,
+                        ))
+                        .map_err(|e| format!("resolving {spec:?}: {e}"))?
+                        .find(SocketAddr::is_ipv4)
+                        .ok_or_else(|| format!("{spec:?} has no IPv4 address"))?;
+                        let port = parse_host_port(spec).map_err(|e| e.to_string())?.1;
+                        peers.push(DirectPeer {
+                            spec: spec.clone(),
+                            ip: resolved.ip(),
+                            port,
+                        });
+                    }
+                }
+            }
+        }
+        self.events
+            .send(Input::Targets {
+                connect,
+                peers,
+                specs,
+            })
+            .map_err(|_| "the agent is stopping".to_owned())
+    }
+}
+
+impl control::Handler for NodeHandler {
+    fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn connect(&self, peers: Vec<String>) -> Result<(), String> {
+        self.targets(true, peers)
+    }
+
+    fn forget(&self, peers: Vec<String>) -> Result<(), String> {
+        self.targets(false, peers)
+    }
+}
