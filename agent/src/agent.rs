@@ -38,7 +38,9 @@ use crate::{
     maps::BpfMaps,
     netdev::{self, Netdev},
     peers::{Peer, PeersFile},
-    status::{Connection, ConnectionState, Direction, Overlay, Status},
+    status::{
+        Connection, ConnectionState, Direction, Overlay, Peer as StatusPeer, PeerConnection, Status,
+    },
 };
 
 /// What this run created, removed again if setup does not complete.
@@ -426,7 +428,7 @@ impl control::Handler for StaticHandler {
 /// the reason counters; it never walks the MAC table.
 fn snapshot(state: &Shared) -> Status {
     let s = state.lock().unwrap_or_else(PoisonError::into_inner);
-    let connections = s
+    let connections: Vec<Connection> = s
         .remotes
         .iter()
         .map(|p| {
@@ -436,21 +438,24 @@ fn snapshot(state: &Shared) -> Status {
             });
             Connection {
                 direction: Direction::Outbound,
-                address: SocketAddrV4::new(p.address, s.port),
+                address: SocketAddrV4::new(p.address, s.port).to_string(),
                 state: if stats.rx_packets > 0 {
                     ConnectionState::Established
                 } else {
                     ConnectionState::Pending
                 },
-                overlay: Overlay::Fastdp,
+                info: None,
+                encrypted: false,
+                overlay: Some(Overlay::Fastdp),
                 name: p.name,
                 nickname: p.nickname.clone(),
-                short_id: p.short_id,
+                short_id: Some(p.short_id),
                 mtu: s.settings.mtu,
                 tx_packets: stats.tx_packets,
                 tx_bytes: stats.tx_bytes,
                 rx_packets: stats.rx_packets,
                 rx_bytes: stats.rx_bytes,
+                sleeve: None,
             }
         })
         .collect();
@@ -463,17 +468,55 @@ fn snapshot(state: &Shared) -> Status {
                 .collect()
         })
         .unwrap_or_default();
+    // Without a mesh, the peers are the peers file: this peer lists its connections;
+    // what the others see is unknown here, so they list none.
+    let local = StatusPeer {
+        name: s.me.name,
+        nickname: s.me.nickname.clone(),
+        uid: 0,
+        short_id: Some(s.me.short_id),
+        version: 0,
+        connections: connections
+            .iter()
+            .map(|c| PeerConnection {
+                name: c.name,
+                nickname: c.nickname.clone(),
+                address: c.address.clone(),
+                outbound: true,
+                established: c.state == ConnectionState::Established,
+            })
+            .collect(),
+    };
+    let peers = std::iter::once(local)
+        .chain(s.remotes.iter().map(|p| StatusPeer {
+            name: p.name,
+            nickname: p.nickname.clone(),
+            uid: 0,
+            short_id: Some(p.short_id),
+            version: 0,
+            connections: Vec::new(),
+        }))
+        .collect();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         name: s.me.name,
         nickname: s.me.nickname.clone(),
         short_id: s.me.short_id,
-        address: s.me.address,
+        uid: 0,
+        peer_version: 0,
+        address: s.me.address.into(),
         port: s.port,
         mtu: s.settings.mtu,
         encryption: false,
+        peer_discovery: false,
+        trusted_subnets: Vec::new(),
+        targets: Vec::new(),
+        target_states: Vec::new(),
         connections,
+        peers,
+        termination_count: 0,
         counters,
+        sleeve_counters: Default::default(),
     }
 }
 

@@ -97,7 +97,9 @@ async fn print_status(args: StatusArgs) -> anyhow::Result<()> {
     } else {
         match args.what {
             None => status::render_summary(&status),
-            Some(StatusWhat::Connections) => status::render_connections(&status),
+            Some(StatusWhat::Connections) => {
+                status::render_connections(&status, status::Style::Weft)
+            }
             Some(StatusWhat::Peers) => status::render_peers(&status),
         }
     };
