@@ -31,6 +31,7 @@ use weft_common::{
 };
 
 use crate::{
+    api,
     cli::{ResetArgs, RunArgs},
     control,
     datapath::{Datapath, LocalSettings, RemotePeer},
@@ -175,6 +176,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    // Weave's HTTP endpoints, bound now so that a taken port fails the start cleanly.
+    let mut http = Vec::new();
+    for (endpoint, addr) in [
+        (api::Endpoint::Http, args.http_addr.0),
+        (api::Endpoint::Status, args.status_addr.0),
+    ] {
+        let Some(addr) = addr else { continue };
+        match api::Server::bind(endpoint, addr).await {
+            Ok(server) => http.push(server),
+            Err(e) => {
+                drop(socket);
+                drop(ebpf);
+                rollback.run(&net).await;
+                return Err(e.into());
+            }
+        }
+    }
     // From here on a signal must not kill the process before cleanup: catch them
     // now (tokio queues what arrives until the loop listens). Setup itself is never
     // cut short (that could leave a step half done); a stop signal that arrives
@@ -189,7 +207,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         remotes,
         &pins,
         ebpf,
-        socket,
+        (socket, http),
         signals,
         &mut rollback,
     )
@@ -248,7 +266,7 @@ async fn serve(
     remotes: Vec<Peer>,
     pins: &PinDir,
     mut ebpf: aya::Ebpf,
-    socket: control::ControlSocket,
+    (socket, http): (control::ControlSocket, Vec<api::Server>),
     mut signals: Signals,
     rollback: &mut Rollback,
 ) -> anyhow::Result<()> {
@@ -280,6 +298,19 @@ async fn serve(
         datapath,
     }));
     let server = tokio::spawn(socket.serve(StaticHandler(state.clone())));
+    let source: Arc<dyn api::StatusSource> = {
+        let state = state.clone();
+        Arc::new(move || snapshot(&state))
+    };
+    let http: Vec<_> = http
+        .into_iter()
+        .map(|s| {
+            if let Ok(addr) = s.local_addr() {
+                tracing::info!(%addr, "serving Weave's status endpoints over HTTP");
+            }
+            tokio::spawn(s.serve(source.clone()))
+        })
+        .collect();
 
     loop {
         let sig = tokio::select! {
@@ -299,6 +330,9 @@ async fn serve(
         break;
     }
     server.abort();
+    for task in &http {
+        task.abort();
+    }
     // Wait for the task to drop its socket, which removes the socket file.
     let _ = server.await;
     Ok(())

@@ -9,14 +9,17 @@
 //! Modules, one concern each: [`cli`] (arguments), [`peers`] (the static peers file),
 //! [`netdev`] (links via rtnetlink), [`loader`] (eBPF load/attach),
 //! [`maps`] (the map chokepoint), [`datapath`] (desired state -> maps), [`control`]
-//! (the local socket), [`status`] (Weave-style output), [`agent`] (the lifecycle).
+//! (the local socket), [`status`] (Weave-style output), [`api`] (Weave's HTTP status
+//! endpoints), [`metrics`] (Prometheus), [`agent`] (the lifecycle).
 
 mod agent;
+mod api;
 mod cli;
 mod control;
 mod datapath;
 mod loader;
 mod maps;
+mod metrics;
 mod netdev;
 mod peers;
 mod status;
