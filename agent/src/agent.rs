@@ -31,6 +31,7 @@ use weft_common::{
 };
 
 use crate::{
+    api,
     cli::{ResetArgs, RunArgs},
     control,
     datapath::{Datapath, LocalSettings, RemotePeer},
@@ -38,7 +39,9 @@ use crate::{
     maps::BpfMaps,
     netdev::{self, Netdev},
     peers::{Peer, PeersFile},
-    status::{Connection, ConnectionState, Direction, Overlay, Status},
+    status::{
+        Connection, ConnectionState, Direction, Overlay, Peer as StatusPeer, PeerConnection, Status,
+    },
 };
 
 /// What this run created, removed again if setup does not complete.
@@ -134,6 +137,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ebpf,
         socket,
         signals,
+        http,
     } = prepare(&args, &net).await?;
 
     // 2. Kernel state; what this run creates is recorded for rollback.
@@ -144,7 +148,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         remotes,
         &pins,
         ebpf,
-        socket,
+        (socket, http),
         signals,
         &mut rollback,
     )
@@ -190,6 +194,8 @@ pub(crate) struct Prepared {
     pub(crate) ebpf: aya::Ebpf,
     pub(crate) socket: control::ControlSocket,
     pub(crate) signals: Signals,
+    /// Weave's HTTP endpoints, bound (not yet serving).
+    pub(crate) http: Vec<api::Server>,
 }
 
 /// Locks the pin directory, loads the programs and binds the control socket,
@@ -222,6 +228,23 @@ pub(crate) async fn prepare(args: &RunArgs, net: &Netdev) -> anyhow::Result<Prep
             return Err(e.into());
         }
     };
+    // Weave's HTTP endpoints, bound now so that a taken port fails the start cleanly.
+    let mut http = Vec::new();
+    for (endpoint, addr) in [
+        (api::Endpoint::Http, args.http_addr.0),
+        (api::Endpoint::Status, args.status_addr.0),
+    ] {
+        let Some(addr) = addr else { continue };
+        match api::Server::bind(endpoint, addr).await {
+            Ok(server) => http.push(server),
+            Err(e) => {
+                drop(socket);
+                drop(ebpf);
+                rollback.run(net).await;
+                return Err(e.into());
+            }
+        }
+    }
     // From here on a signal must not kill the process before cleanup: catch them
     // now (tokio queues what arrives until the loop listens). Setup itself is never
     // cut short (that could leave a step half done); a stop signal that arrives
@@ -234,6 +257,7 @@ pub(crate) async fn prepare(args: &RunArgs, net: &Netdev) -> anyhow::Result<Prep
         ebpf,
         socket,
         signals,
+        http,
     })
 }
 
@@ -289,7 +313,7 @@ async fn serve(
     remotes: Vec<Peer>,
     pins: &PinDir,
     mut ebpf: aya::Ebpf,
-    socket: control::ControlSocket,
+    (socket, http): (control::ControlSocket, Vec<api::Server>),
     mut signals: Signals,
     rollback: &mut Rollback,
 ) -> anyhow::Result<()> {
@@ -336,6 +360,11 @@ async fn serve(
         datapath,
     }));
     let server = tokio::spawn(socket.serve(StaticHandler(state.clone())));
+    let source: Arc<dyn api::StatusSource> = {
+        let state = state.clone();
+        Arc::new(move || snapshot(&state))
+    };
+    let http = serve_http(http, source);
 
     loop {
         let sig = tokio::select! {
@@ -355,9 +384,28 @@ async fn serve(
         break;
     }
     server.abort();
+    for task in &http {
+        task.abort();
+    }
     // Wait for the task to drop its socket, which removes the socket file.
     let _ = server.await;
     Ok(())
+}
+
+/// Serves Weave's HTTP endpoints from `source`; abort the tasks to stop.
+pub(crate) fn serve_http(
+    servers: Vec<api::Server>,
+    source: Arc<dyn api::StatusSource>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    servers
+        .into_iter()
+        .map(|s| {
+            if let Ok(addr) = s.local_addr() {
+                tracing::info!(%addr, "serving Weave's status endpoints over HTTP");
+            }
+            tokio::spawn(s.serve(source.clone()))
+        })
+        .collect()
 }
 
 /// This host as the datapath set-up needs it.
@@ -506,7 +554,7 @@ impl control::Handler for StaticHandler {
 /// the reason counters; it never walks the MAC table.
 fn snapshot(state: &Shared) -> Status {
     let s = state.lock().unwrap_or_else(PoisonError::into_inner);
-    let connections = s
+    let connections: Vec<Connection> = s
         .remotes
         .iter()
         .map(|p| {
@@ -516,21 +564,24 @@ fn snapshot(state: &Shared) -> Status {
             });
             Connection {
                 direction: Direction::Outbound,
-                address: SocketAddrV4::new(p.address, s.port),
+                address: SocketAddrV4::new(p.address, s.port).to_string(),
                 state: if stats.rx_packets > 0 {
                     ConnectionState::Established
                 } else {
                     ConnectionState::Pending
                 },
-                overlay: Overlay::Fastdp,
+                info: None,
+                encrypted: false,
+                overlay: Some(Overlay::Fastdp),
                 name: p.name,
                 nickname: p.nickname.clone(),
-                short_id: p.short_id,
+                short_id: Some(p.short_id),
                 mtu: s.settings.mtu,
                 tx_packets: stats.tx_packets,
                 tx_bytes: stats.tx_bytes,
                 rx_packets: stats.rx_packets,
                 rx_bytes: stats.rx_bytes,
+                sleeve: None,
             }
         })
         .collect();
@@ -543,17 +594,55 @@ fn snapshot(state: &Shared) -> Status {
                 .collect()
         })
         .unwrap_or_default();
+    // Without a mesh, the peers are the peers file: this peer lists its connections;
+    // what the others see is unknown here, so they list none.
+    let local = StatusPeer {
+        name: s.me.name,
+        nickname: s.me.nickname.clone(),
+        uid: 0,
+        short_id: Some(s.me.short_id),
+        version: 0,
+        connections: connections
+            .iter()
+            .map(|c| PeerConnection {
+                name: c.name,
+                nickname: c.nickname.clone(),
+                address: c.address.clone(),
+                outbound: true,
+                established: c.state == ConnectionState::Established,
+            })
+            .collect(),
+    };
+    let peers = std::iter::once(local)
+        .chain(s.remotes.iter().map(|p| StatusPeer {
+            name: p.name,
+            nickname: p.nickname.clone(),
+            uid: 0,
+            short_id: Some(p.short_id),
+            version: 0,
+            connections: Vec::new(),
+        }))
+        .collect();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         name: s.me.name,
         nickname: s.me.nickname.clone(),
         short_id: s.me.short_id,
-        address: s.me.address,
+        uid: 0,
+        peer_version: 0,
+        address: s.me.address.into(),
         port: s.port,
         mtu: s.settings.mtu,
         encryption: false,
+        peer_discovery: false,
+        trusted_subnets: Vec::new(),
+        targets: Vec::new(),
+        target_states: Vec::new(),
         connections,
+        peers,
+        termination_count: 0,
         counters,
+        sleeve_counters: Default::default(),
     }
 }
 

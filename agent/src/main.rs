@@ -9,14 +9,17 @@
 //! Modules, one concern each: [`cli`] (arguments), [`peers`] (the static peers file),
 //! [`netdev`] (links via rtnetlink), [`loader`] (eBPF load/attach),
 //! [`maps`] (the map chokepoint), [`datapath`] (desired state -> maps), [`control`]
-//! (the local socket), [`status`] (Weave-style output), [`agent`] (the lifecycle).
+//! (the local socket), [`status`] (Weave-style output), [`api`] (Weave's HTTP status
+//! endpoints), [`metrics`] (Prometheus), [`agent`] (the lifecycle).
 
 mod agent;
+mod api;
 mod cli;
 mod control;
 mod datapath;
 mod loader;
 mod maps;
+mod metrics;
 mod netdev;
 mod node;
 #[allow(dead_code)]
@@ -106,7 +109,9 @@ async fn print_status(args: StatusArgs) -> anyhow::Result<()> {
     } else {
         match args.what {
             None => status::render_summary(&status),
-            Some(StatusWhat::Connections) => status::render_connections(&status),
+            Some(StatusWhat::Connections) => {
+                status::render_connections(&status, status::Style::Weft)
+            }
             Some(StatusWhat::Peers) => status::render_peers(&status),
         }
     };

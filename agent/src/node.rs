@@ -38,7 +38,7 @@ use weft::{
     },
     sleeve::{SleeveAction, SleeveForwarder, forwarder::SpecialOutcome},
 };
-use weft_common::{maps::PeerStats, wire::vni};
+use weft_common::wire::vni;
 
 use crate::{
     agent::{self, LocalPeer, Prepared},
@@ -49,7 +49,7 @@ use crate::{
     netdev::Netdev,
     peering::{self, ConnEvent, ConnHandle},
     sleeve_io::{Dataplane, DataplaneEvent, PeerSpec, SpecialSendError},
-    status::{Connection, ConnectionState, Direction, Overlay, Status},
+    status::{Connection, Overlay, Status, Target, Traffic},
 };
 
 /// The node's clock tick: the granularity of every timer (heartbeats are 500 ms).
@@ -183,6 +183,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         mut ebpf,
         socket,
         mut signals,
+        http,
     } = agent::prepare(&args, &net).await?;
 
     // 2. Kernel state: bridge, the sleeve's TAP device, the datapath.
@@ -308,11 +309,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     node.apply(actions, now);
 
     let server = tokio::spawn(socket.serve(NodeHandler {
-        status: shared,
+        status: shared.clone(),
         events: events_tx.clone(),
     }));
+    let source: Arc<dyn crate::api::StatusSource> = Arc::new(move || {
+        shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    });
+    let http = agent::serve_http(http, source);
     tokio::spawn(accept_loop(listener, events_tx.clone()));
     let outcome = node.serve(events, dp_events, &mut signals).await;
+    for task in &http {
+        task.abort();
+    }
     server.abort();
     let _ = server.await;
     outcome
@@ -1119,52 +1130,47 @@ impl Node {
         *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
     }
 
-    /// The status snapshot.
+    /// The status snapshot: the mesh's connections and targets in Weave's terms, each
+    /// connection's overlay and counters, the peers as gossip describes them.
     fn snapshot(&self) -> Status {
         let stats = self.dataplane.stats();
-        let connections = self
-            .conns
-            .values()
-            .filter_map(|c| {
-                let r = c.ready.as_ref()?;
-                let SocketAddr::V4(address) = c.remote else {
-                    return None;
-                };
-                let fast = r
-                    .short_id
-                    .and_then(|id| self.datapath.peer_stats(id).ok())
-                    .unwrap_or_default();
-                let slow = stats.peers.get(&r.name).copied().unwrap_or_default();
-                let mtu = if r.on_fastdp {
-                    self.mtu
-                } else {
-                    r.sleeve.as_ref().map_or(self.mtu, |(_, s)| s.mtu())
-                };
-                let _ = PeerStats::default();
-                Some(Connection {
-                    direction: if c.outbound {
-                        Direction::Outbound
-                    } else {
-                        Direction::Inbound
-                    },
-                    address,
-                    state: if r.overlay().is_some() {
-                        ConnectionState::Established
-                    } else {
-                        ConnectionState::Pending
-                    },
-                    overlay: Overlay::Fastdp,
-                    name: r.name,
-                    nickname: r.nickname.clone(),
-                    short_id: r.short_id.unwrap_or(0),
-                    mtu,
-                    tx_packets: fast.tx_packets + slow.tx_packets,
-                    tx_bytes: fast.tx_bytes + slow.tx_bytes,
-                    rx_packets: fast.rx_packets + slow.rx_packets,
-                    rx_bytes: fast.rx_bytes + slow.rx_bytes,
-                })
-            })
-            .collect();
+        let now = Instant::now();
+        let mut connections = Vec::new();
+        for cs in self.mesh.connections() {
+            let Some(c) = self.conns.get(&cs.conn) else {
+                continue;
+            };
+            let Some(r) = &c.ready else { continue };
+            let mtu = if r.on_fastdp {
+                self.mtu
+            } else {
+                r.sleeve.as_ref().map_or(self.mtu, |(_, s)| s.mtu())
+            };
+            let mut conn = Connection::from_mesh(&cs, r.short_id, mtu);
+            conn.encrypted = r.key.is_some();
+            conn.overlay = match r.overlay() {
+                Some(FASTDP) => Some(Overlay::Fastdp),
+                Some(_) => Some(Overlay::Sleeve),
+                None => None,
+            };
+            let fast = r
+                .short_id
+                .and_then(|id| self.datapath.peer_stats(id).ok())
+                .unwrap_or_default();
+            conn.tx_packets = fast.tx_packets;
+            conn.tx_bytes = fast.tx_bytes;
+            conn.rx_packets = fast.rx_packets;
+            conn.rx_bytes = fast.rx_bytes;
+            if let Some(slow) = stats.peers.get(&r.name) {
+                conn.sleeve = Some(Traffic {
+                    tx_packets: slow.tx_packets,
+                    tx_bytes: slow.tx_bytes,
+                    rx_packets: slow.rx_packets,
+                    rx_bytes: slow.rx_bytes,
+                });
+            }
+            connections.push(conn);
+        }
         let counters = self
             .datapath
             .counters()
@@ -1174,18 +1180,35 @@ impl Node {
                     .collect()
             })
             .unwrap_or_default();
-        Status {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            name: self.identity.name,
-            nickname: self.identity.nickname.clone(),
+        let wall = std::time::SystemTime::now();
+        let local = self.mesh.local();
+        let mut status = Status {
+            uid: local.uid,
+            peer_version: local.version,
             short_id: self.settings.short_id,
-            address: self.address,
+            address: IpAddr::V4(self.address),
             port: self.port,
             mtu: self.mtu,
             encryption: self.password.is_some(),
+            targets: self.mesh.direct_targets(),
+            target_states: self
+                .mesh
+                .targets()
+                .iter()
+                .map(|t| Target::from_mesh(t, now, wall))
+                .collect(),
             connections,
+            termination_count: self.mesh.termination_count(),
             counters,
-        }
+            sleeve_counters: stats
+                .drops
+                .iter()
+                .map(|(k, v)| (format!("drop_{k}"), *v))
+                .collect(),
+            ..Status::default_for(self.identity.name, &self.identity.nickname)
+        };
+        status.set_peers_from_topology(self.mesh.topology());
+        status
     }
 }
 
