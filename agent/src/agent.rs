@@ -319,7 +319,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let local = LocalPeer {
         name: me.name,
-        short_id: me.short_id,
+        short_id: Some(me.short_id),
         address: me.address,
         sleeve_ifindex: 0,
     };
@@ -327,7 +327,7 @@ async fn serve(
         args,
         net,
         &local,
-        &remote_peers(&remotes),
+        Some(&remote_peers(&remotes)),
         pins,
         &mut ebpf,
         rollback,
@@ -412,8 +412,8 @@ pub(crate) fn serve_http(
 pub(crate) struct LocalPeer {
     /// Its name (for the log).
     pub(crate) name: crate::peers::PeerName,
-    /// Its ShortID.
-    pub(crate) short_id: u16,
+    /// Its ShortID; `None`: keep an earlier run's, else pick one.
+    pub(crate) short_id: Option<u16>,
     /// Its underlay address.
     pub(crate) address: std::net::Ipv4Addr,
     /// The sleeve's TAP device, 0 without one.
@@ -439,7 +439,7 @@ pub(crate) async fn setup(
     args: &RunArgs,
     net: &Netdev,
     me: &LocalPeer,
-    remotes: &[RemotePeer],
+    remotes: Option<&[RemotePeer]>,
     pins: &PinDir,
     ebpf: &mut aya::Ebpf,
     rollback: &mut Rollback,
@@ -455,15 +455,34 @@ pub(crate) async fn setup(
         // and pinning their links): it must not carry traffic until they are back.
         net.set_down(vxlan.index).await?;
     }
+    let (mut datapath, adopted) = Datapath::adopt(BpfMaps::take(ebpf)?)?;
+    // Without a ShortID of its own (mesh mode), this host keeps the one an earlier
+    // run on this address had (peers' datapaths name it), else picks one at random.
+    let short_id = me.short_id.unwrap_or_else(|| {
+        datapath
+            .local()
+            .filter(|l| l.addr == me.address)
+            .map(|l| l.short_id)
+            .unwrap_or_else(|| (crate::node::random_u64() & 0x0fff) as u16)
+    });
     let settings = LocalSettings {
-        short_id: me.short_id,
+        short_id,
         addr: me.address,
         vxlan_ifindex: vxlan.index,
         mtu: args.mtu,
         mac_age_secs: DEFAULT_MAC_AGE_SECS,
         sleeve_ifindex: me.sleeve_ifindex,
     };
-    let (mut datapath, adopted) = Datapath::adopt(BpfMaps::take(ebpf)?)?;
+    // Without peers given (mesh mode), the peers an earlier run left stay until the
+    // mesh has its own view.
+    let kept;
+    let remotes = match remotes {
+        Some(r) => r,
+        None => {
+            kept = datapath.peers();
+            &kept
+        }
+    };
     // Maps first, then programs: the programs never run unconfigured.
     let report = datapath.apply(&settings, remotes)?;
     let attached = loader::attach(ebpf, pins, vxlan.index)?;
@@ -481,7 +500,7 @@ pub(crate) async fn setup(
     }
     tracing::info!(
         name = %me.name,
-        short_id = me.short_id,
+        short_id,
         device = netdev::VXLAN_DEVICE,
         bridge = %args.bridge,
         peers = remotes.len(),

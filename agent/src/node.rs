@@ -76,7 +76,7 @@ impl RandomSource for OsRandom {
 }
 
 /// A random u64 from the OS.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // The kernel's CSPRNG does not fail once the system is up.
     getrandom::fill(&mut b).expect("getrandom");
@@ -195,31 +195,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         net.set_up(tap_index, Some(u32::from(args.mtu)), Some(bridge.index))
             .await
             .with_context(|| format!("attaching {SLEEVE_DEVICE} to {}", args.bridge))?;
-        // Keep this host's ShortID across restarts: peers' datapaths name it.
-        let adopted = Datapath::adopt(BpfMaps::take(&mut ebpf)?)?.0;
-        let short_id = adopted
-            .local()
-            .filter(|l| l.addr == address)
-            .map(|l| l.short_id)
-            .unwrap_or_else(|| (random_u64() & 0x0fff) as ShortId);
-        let lingering: Vec<RemotePeer> = adopted.peers();
-        drop(adopted);
+        // The ShortID and the peers an earlier run left are kept (peers' datapaths
+        // name this host; traffic goes on while the mesh reconnects).
         let local = LocalPeer {
             name,
-            short_id,
+            short_id: None,
             address,
             sleeve_ifindex: tap_index,
         };
-        let (datapath, settings) = agent::setup(
-            &args,
-            &net,
-            &local,
-            &lingering,
-            &pins,
-            &mut ebpf,
-            &mut rollback,
-        )
-        .await?;
+        let (datapath, settings) =
+            agent::setup(&args, &net, &local, None, &pins, &mut ebpf, &mut rollback).await?;
+        let lingering = datapath.peers();
         anyhow::Ok((tap, datapath, settings, lingering))
     }
     .await;
@@ -600,9 +586,7 @@ impl Node {
                 );
                 let arrow = if c.outbound { "->" } else { "<-" };
                 tracing::info!("{arrow}[{who}]: connection shutting down due to error: {reason}");
-                if let Some(r) = &c.ready {
-                    self.linger(r, now);
-                }
+                self.linger(&c, now);
                 let actions = if ready {
                     self.mesh.connection_closed(now, conn, &reason)
                 } else if c.outbound {
@@ -615,12 +599,17 @@ impl Node {
         }
     }
 
-    /// Keeps a closed connection's datapath entry for [`LINGER`].
-    fn linger(&mut self, r: &Ready, now: Instant) {
-        if let (Some(short_id), IpAddr::V4(_)) = (r.short_id, IpAddr::V4(self.address)) {
-            if let Some(entry) = self.datapath_entry(r, short_id) {
-                self.lingering.insert(short_id, (entry, now + LINGER));
-            }
+    /// Keeps a closed connection's datapath entry for [`LINGER`], so traffic on the
+    /// fast datapath goes on while the peer (or this agent) restarts and reconnects.
+    fn linger(&mut self, c: &Conn, now: Instant) {
+        let Some(r) = &c.ready else { return };
+        if let (Some(short_id), IpAddr::V4(addr)) = (r.short_id, c.remote.ip()) {
+            let entry = RemotePeer {
+                short_id,
+                addr,
+                sleeve: !r.on_fastdp,
+            };
+            self.lingering.insert(short_id, (entry, now + LINGER));
         }
     }
 
@@ -1015,9 +1004,7 @@ impl Node {
         }
         let now = Instant::now();
         if let Some(c) = self.conns.remove(&conn) {
-            if let Some(r) = &c.ready {
-                self.linger(r, now);
-            }
+            self.linger(&c, now);
             let actions = self.mesh.connection_closed(now, conn, reason);
             self.apply(actions, now);
         }
@@ -1049,31 +1036,13 @@ impl Node {
                     if let Some(c) = self.conns.remove(&conn) {
                         tracing::info!("[{}]: {reason}", c.remote);
                         c.handle.close();
-                        if let Some(r) = &c.ready {
-                            self.linger(r, now);
-                        }
+                        self.linger(&c, now);
                     }
                     self.dirty = true;
                 }
                 Action::TopologyChanged => self.dirty = true,
             }
         }
-    }
-
-    /// The datapath entry of a connection's peer.
-    fn datapath_entry(&self, r: &Ready, short_id: ShortId) -> Option<RemotePeer> {
-        let conn = self
-            .conns
-            .values()
-            .find(|c| c.ready.as_ref().is_some_and(|x| x.conn_uid == r.conn_uid))?;
-        let IpAddr::V4(addr) = conn.remote.ip() else {
-            return None;
-        };
-        Some(RemotePeer {
-            short_id,
-            addr,
-            sleeve: !r.on_fastdp,
-        })
     }
 
     /// Makes the datapath, the sleeve's peers and the status match the node's state.

@@ -118,6 +118,44 @@ impl Testbed {
         ])
     }
 
+    /// The arguments of a mesh-mode agent on host `n` (after the binary): `run --iface
+    /// eth0 --name <PeerName> --nickname host<n> --socket <socket> --bpffs <dir>`,
+    /// then `extra`, then the underlay addresses of `peers` (Weave's `PEER...`).
+    pub fn mesh_agent_args(&self, n: u8, peers: &[u8], extra: &[&str]) -> Result<Vec<String>> {
+        let h = self.host(n)?;
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--iface".into(),
+            "eth0".into(),
+            "--name".into(),
+            h.peer_name(),
+            "--nickname".into(),
+            h.nickname(),
+            "--socket".into(),
+            self.socket_path(n).display().to_string(),
+            "--bpffs".into(),
+            self.bpffs_dir().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        for &p in peers {
+            args.push(self.host(p)?.addr.to_string());
+        }
+        Ok(args)
+    }
+
+    /// Starts a mesh-mode agent on host `n` told about `peers` (see
+    /// [`Testbed::mesh_agent_args`]) and waits until its datapath is ready.
+    pub fn start_mesh_agent(
+        &mut self,
+        n: u8,
+        agent_bin: &Path,
+        peers: &[u8],
+        extra: &[&str],
+    ) -> Result<()> {
+        let args = self.mesh_agent_args(n, peers, extra)?;
+        self.start_agent_with_args(n, agent_bin, &args)
+    }
+
     /// Runs `<agent> reset` on host `n` (the agent must be stopped) and returns what
     /// it printed; fails if it exits nonzero.
     pub fn reset_agent(&self, n: u8, agent_bin: &Path) -> Result<String> {
@@ -159,7 +197,7 @@ impl Testbed {
         if self.weaver_running(n) {
             bail!("host {n} runs weaver; it must not run a weft agent too");
         }
-        if !self.peers_path(n).exists() {
+        if !self.peers_path(n).exists() && args.iter().any(|a| a == "--peers-file") {
             let all: Vec<u8> = self.hosts().iter().map(|h| h.n).collect();
             self.write_peers(n, &all)?;
         }
