@@ -102,6 +102,17 @@ impl RecvBatch {
         };
         data.chunks(size)
     }
+
+    /// The datagrams in buffer `i`, mutable (to open sealed datagrams in place).
+    pub fn datagrams_mut(&mut self, i: usize) -> impl Iterator<Item = &mut [u8]> {
+        let meta = self.meta.get(i).copied();
+        let len = meta.map_or(0, |m| m.len);
+        let size = match meta.and_then(|m| m.segment_size) {
+            Some(s) if s > 0 => usize::from(s),
+            _ => len.max(1),
+        };
+        self.bufs[i][..len].chunks_mut(size)
+    }
 }
 
 /// A UDP socket with batched I/O.
