@@ -487,6 +487,11 @@ pub(crate) async fn setup(
     let report = datapath.apply(&settings, remotes)?;
     let attached = loader::attach(ebpf, pins, vxlan.index)?;
     net.activate(vxlan.index, port, mtu, bridge.index).await?;
+    if me.sleeve_ifindex != 0 {
+        // Two overlay ports: split horizon between them (see `set_isolated`).
+        net.set_isolated(vxlan.index).await?;
+        net.set_isolated(me.sleeve_ifindex).await?;
+    }
     match net.root_qdisc(vxlan.index).await {
         Ok(None) => {}
         Ok(Some(kind)) if kind == "noqueue" => {}

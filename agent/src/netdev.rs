@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder,
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVxlan, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
         link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
@@ -292,6 +292,25 @@ impl Netdev {
                 ),
                 other => other,
             })
+    }
+
+    /// Makes a bridge port isolated (`bridge_slave isolated on`): the bridge never
+    /// forwards between two isolated ports. weft's two overlay ports (the VXLAN device
+    /// and the sleeve's TAP device) are isolated so that a frame one overlay delivers
+    /// is never sent on by the other (weft does not relay between peers: the sender
+    /// reaches every peer itself), while pods reach both.
+    pub async fn set_isolated(&self, index: u32) -> Result<(), NetdevError> {
+        let msg = LinkBridgePort::new(index)
+            .append_info_data(rtnetlink::packet_route::link::InfoBridgePort::Isolated(
+                true,
+            ))
+            .build();
+        self.handle
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(|e| NetdevError::Request(format!("isolating bridge port {index}"), e))
     }
 
     /// Sets a link down.

@@ -4,51 +4,13 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{FIRST_CONTACT, Must, agent_bin, bed};
-use serde_json::Value;
+use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
 use weft_testbed::{Testbed, ping, tcp_transfer, wait_ping};
 
 /// How long a mesh connection may take to be established.
 const ESTABLISH: Duration = Duration::from_secs(20);
-
-/// Waits until host `n` reports its connection to host `peer` and `check` accepts
-/// it; returns the connection (JSON). Fails with the last status seen.
-pub fn wait_connection(
-    tb: &Testbed,
-    n: u8,
-    peer: u8,
-    timeout: Duration,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    let name = tb.host(peer).must("host").peer_name();
-    let deadline = Instant::now() + timeout;
-    let mut last = Value::Null;
-    loop {
-        if let Ok(s) = tb.status_json(n) {
-            if let Some(c) = s["connections"]
-                .as_array()
-                .and_then(|cs| cs.iter().find(|c| c["name"] == name.as_str()))
-                && check(c)
-            {
-                return c.clone();
-            }
-            last = s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "host{n}: no satisfying connection to host{peer} within {timeout:?}; last status: \
-             {last:#}\nagent log:\n{}",
-            tb.agent_log(n)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn established_over(overlay: &'static str) -> impl Fn(&Value) -> bool {
-    move |c| c["state"] == "established" && c["overlay"] == overlay
-}
 
 /// Pods of hosts `a` and `b` ping each other and carry TCP both ways.
 fn check_pods(tb: &Testbed, a: u8, b: u8) {

@@ -5,9 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FIRST_CONTACT, Must, bed};
+use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
 use weft_testbed::{
-    Testbed, ping, skip_without_weaver, start_weaver_pair, tcp_transfer, wait_ping, weaver_path,
+    Testbed, WeaveConnection, WeaverOptions, ping, skip_without_weaver, start_weaver_pair,
+    tcp_transfer, wait_ping, weaver_path,
 };
 
 /// How long two weavers may take to show each other `established`.
@@ -87,4 +88,133 @@ fn check_pods(tb: &Testbed, (a, b): (u8, u8), what: &str) {
             t.bits_per_second / 1e6
         );
     }
+}
+
+/// Waits until weaver on host `n` shows its connection to host `peer` established
+/// and returns it.
+fn weaver_established(tb: &mut Testbed, n: u8, peer: u8) -> WeaveConnection {
+    let name = tb.host(peer).must("host").peer_name();
+    tb.weaver_mut(n)
+        .must("weaver")
+        .wait_connection_established(&name, ESTABLISH)
+        .must(&format!("weaver on host {n}: connection to host {peer}"))
+}
+
+/// Starts weft on host `n` in mesh mode with `peers`, and the password in a file
+/// if there is one.
+fn start_weft(tb: &mut Testbed, n: u8, peers: &[u8], password: Option<&str>) {
+    let bin = agent_bin();
+    let file = tb.dir().join(format!("h{n}.password"));
+    let mut extra = Vec::new();
+    if let Some(pw) = password {
+        std::fs::write(&file, format!("{pw}\n")).expect("writing the password file");
+        extra = vec!["--password-file".to_owned(), file.display().to_string()];
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    tb.start_mesh_agent(n, &bin, peers, &extra)
+        .must(&format!("weft on host {n}"));
+}
+
+/// weaver <-> weft, without and with a password, dialled both ways: both ends show
+/// the connection established over sleeve (encrypted with the password, MTUs as
+/// Weave's: 1438 plain, 1414 encrypted), weaver lists the weft peer with its
+/// connection (from weft's gossip), pods ping and carry TCP both ways.
+#[test]
+fn weaver_and_weft_over_sleeve() {
+    if skip_without_weaver("weaver_and_weft_over_sleeve") {
+        return;
+    }
+    let weaver = weaver_path().expect("checked by skip_without_weaver");
+    let mut tb = bed(4, 1);
+    // Hosts 1 (weaver) and 2 (weft dials it), no password; hosts 3 (weft) and
+    // 4 (weaver dials it), password.
+    for (weaver_host, weft_host, password) in [(1u8, 2u8, None), (4, 3, Some("secret"))] {
+        let what = format!(
+            "weaver on {weaver_host}, weft on {weft_host}, password {}",
+            password.is_some()
+        );
+        let mut opts = WeaverOptions::new();
+        if let Some(pw) = password {
+            opts = opts.password(pw);
+        }
+        if weaver_host == 1 {
+            tb.start_weaver(weaver_host, &weaver, &opts).must(&what);
+            start_weft(&mut tb, weft_host, &[weaver_host], password);
+        } else {
+            start_weft(&mut tb, weft_host, &[], password);
+            let addr = tb.host(weft_host).must("host").addr;
+            tb.start_weaver(weaver_host, &weaver, &opts.peer(addr))
+                .must(&what);
+        }
+        let at_weaver = weaver_established(&mut tb, weaver_host, weft_host);
+        eprintln!("{what}: weaver says {}", at_weaver.line);
+        assert_eq!(at_weaver.overlay.as_deref(), Some("sleeve"), "{what}");
+        assert_eq!(at_weaver.encrypted, password.is_some(), "{what}");
+        let mtu = if password.is_some() { 1414 } else { 1438 };
+        assert_eq!(at_weaver.mtu, Some(mtu), "{what}: {}", at_weaver.line);
+        let at_weft = wait_connection(
+            &tb,
+            weft_host,
+            weaver_host,
+            ESTABLISH,
+            established_over("sleeve"),
+        );
+        eprintln!("{what}: weft says {at_weft}");
+        assert_eq!(
+            at_weft["encrypted"],
+            password.is_some(),
+            "{what}: {at_weft}"
+        );
+        assert_eq!(at_weft["mtu"], mtu, "{what}: {at_weft}");
+        assert_eq!(
+            at_weft["direction"],
+            if weaver_host == 1 {
+                "outbound"
+            } else {
+                "inbound"
+            },
+            "{what}"
+        );
+        check_pods(&tb, (weaver_host, weft_host), &what);
+        // weaver lists the weft peer and the connection weft reports.
+        let peers = tb
+            .weaver(weaver_host)
+            .must("weaver")
+            .status_text("/status/peers")
+            .must("peers");
+        let weft_peer = tb.host(weft_host).must("host");
+        let label = format!("{}({})", weft_peer.peer_name(), weft_peer.nickname());
+        assert!(peers.contains(&label), "{what}: weaver lists weft: {peers}");
+        let weft_block = peers.split(&label).nth(1).unwrap_or_default();
+        assert!(
+            weft_block.contains("established"),
+            "{what}: weft's own connection, as gossiped: {peers}"
+        );
+    }
+}
+
+/// A mixed mesh of three: weaver on host 1, wefts on hosts 2 and 3 told only the
+/// weaver's address. weft 3 finds weft 2 through the weaver's gossip; wefts talk
+/// over the fast datapath, weft and weaver over sleeve; pods reach each other.
+#[test]
+fn mixed_mesh_of_weaver_and_wefts() {
+    if skip_without_weaver("mixed_mesh_of_weaver_and_wefts") {
+        return;
+    }
+    let weaver = weaver_path().expect("checked by skip_without_weaver");
+    let mut tb = bed(3, 1);
+    tb.start_weaver(1, &weaver, &WeaverOptions::new())
+        .must("weaver");
+    start_weft(&mut tb, 2, &[1], None);
+    start_weft(&mut tb, 3, &[1], None);
+    for n in [2u8, 3] {
+        wait_connection(&tb, n, 1, ESTABLISH, established_over("sleeve"));
+        weaver_established(&mut tb, 1, n);
+    }
+    wait_connection(&tb, 2, 3, ESTABLISH, established_over("fastdp"));
+    wait_connection(&tb, 3, 2, ESTABLISH, established_over("fastdp"));
+    check_pods(&tb, (2, 3), "weft <-> weft");
+    check_pods(&tb, (1, 3), "weaver <-> weft");
+    let summary = tb.status(2, &[]).must("status");
+    assert!(summary.contains("Peers: 3"), "{summary}");
 }

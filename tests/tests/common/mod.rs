@@ -7,9 +7,10 @@ use std::{
     ops::{Deref, DerefMut},
     path::PathBuf,
     sync::MutexGuard,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
+use serde_json::Value;
 use weft_testbed::{Testbed, is_root, serial};
 
 /// Panics unless running as root.
@@ -91,4 +92,41 @@ impl<T> Must<T> for anyhow::Result<T> {
     fn must(self, what: &str) -> T {
         self.unwrap_or_else(|e| panic!("{what}: {e:#}"))
     }
+}
+
+/// Waits until host `n` reports its connection to host `peer` and `check` accepts
+/// it; returns the connection (JSON). Fails with the last status seen.
+pub fn wait_connection(
+    tb: &Testbed,
+    n: u8,
+    peer: u8,
+    timeout: Duration,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let name = tb.host(peer).must("host").peer_name();
+    let deadline = Instant::now() + timeout;
+    let mut last = Value::Null;
+    loop {
+        if let Ok(s) = tb.status_json(n) {
+            if let Some(c) = s["connections"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["name"] == name.as_str()))
+                && check(c)
+            {
+                return c.clone();
+            }
+            last = s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host{n}: no satisfying connection to host{peer} within {timeout:?}; last status: \
+             {last:#}\nagent log:\n{}",
+            tb.agent_log(n)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn established_over(overlay: &'static str) -> impl Fn(&Value) -> bool {
+    move |c| c["state"] == "established" && c["overlay"] == overlay
 }
