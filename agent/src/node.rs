@@ -58,6 +58,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// an adopted entry waits for its peer to reconnect): a restart of either end does
 /// not interrupt fast-datapath traffic.
 const LINGER: Duration = Duration::from_secs(30);
+/// How often the status snapshot is rebuilt when nothing changes.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest password file read.
 const MAX_PASSWORD_FILE: u64 = 4096;
 
@@ -289,6 +291,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|p| (p.short_id, (p, now + LINGER)))
             .collect(),
         status: shared.clone(),
+        next_snapshot: now,
         dirty: true,
     };
     let actions = node.mesh.add_targets(now, targets, false);
@@ -465,6 +468,8 @@ struct Node {
     /// until).
     lingering: BTreeMap<ShortId, (RemotePeer, Instant)>,
     status: Arc<Mutex<Status>>,
+    /// When the status snapshot is rebuilt next (counters move on their own).
+    next_snapshot: Instant,
     /// The datapath, the sleeve's peers or the status need a refresh.
     dirty: bool,
 }
@@ -845,6 +850,17 @@ impl Node {
         if self.lingering.len() != before {
             self.dirty = true;
         }
+        // Counters move without state changes: refresh the snapshot now and then.
+        if now >= self.next_snapshot {
+            self.publish_status(now);
+        }
+    }
+
+    /// Rebuilds the status snapshot the control socket and HTTP endpoints serve.
+    fn publish_status(&mut self, now: Instant) {
+        self.next_snapshot = now + SNAPSHOT_INTERVAL;
+        let status = self.snapshot();
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
     }
 
     /// Runs a connection's overlay timers and acts on what they ask; re-evaluates
@@ -1081,6 +1097,7 @@ impl Node {
                     addr: fwd.remote_addr(),
                     mtu: fwd.mtu(),
                     carries: !r.on_fastdp && fwd.is_established(),
+                    established: fwd.is_established(),
                 });
             }
         }
@@ -1095,8 +1112,7 @@ impl Node {
             self.dirty = true;
         }
         self.dataplane.set_peers(sleeve_peers);
-        let status = self.snapshot();
-        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+        self.publish_status(now);
     }
 
     /// The status snapshot: the mesh's connections and targets in Weave's terms, each

@@ -69,9 +69,14 @@ pub struct PeerSpec {
     pub addr: Option<SocketAddr>,
     /// The sleeve MTU towards it (largest inner IP packet).
     pub mtu: u16,
-    /// Whether the sleeve carries this peer's pod traffic now (floods and unicast
-    /// frames read from the TAP device go to it).
+    /// Whether the sleeve carries this peer's pod traffic now: floods read from the
+    /// TAP device go to it (else the fast datapath floods to it).
     pub carries: bool,
+    /// Whether the sleeve to this peer works (established): unicast frames read from
+    /// the TAP device go to it even while the fast datapath carries its traffic (the
+    /// bridge may still know a MAC on the TAP port from before a switch; dropping
+    /// them would keep it so).
+    pub established: bool,
 }
 
 /// What the data path hands to the node.
@@ -327,6 +332,7 @@ struct Peer {
     addr: Option<SocketAddr>,
     mtu: u16,
     carries: bool,
+    established: bool,
     tx: Arc<SleeveTx>,
     rx: Arc<Mutex<SleeveRx>>,
     counters: Arc<Counters>,
@@ -402,6 +408,7 @@ impl Table {
                 addr: s.addr,
                 mtu: s.mtu,
                 carries: s.carries,
+                established: s.established,
                 tx,
                 rx,
                 counters,
@@ -492,7 +499,7 @@ fn route(table: &Table, macs: &MacTable, dst: &Mac, now: Instant) -> Route {
         return flood();
     }
     match macs.lookup(dst, now).and_then(|p| table.by_name.get(&p)) {
-        Some(&i) if table.peers[i].carries => Route::Unicast(i),
+        Some(&i) if table.peers[i].carries || table.peers[i].established => Route::Unicast(i),
         Some(_) => Route::Drop(DropReason::PeerNotCarried),
         None => flood(),
     }
@@ -1343,6 +1350,7 @@ mod tests {
     const KEY: SessionKey = SessionKey([9; 32]);
 
     fn spec(name: PeerName, carries: bool, key: Option<SessionKey>) -> PeerSpec {
+        let established = carries;
         PeerSpec {
             name,
             conn_uid: 7,
@@ -1351,6 +1359,7 @@ mod tests {
             addr: Some(SocketAddr::from(([127, 0, 0, 1], 6783))),
             mtu: 1438,
             carries,
+            established,
         }
     }
 
@@ -1439,6 +1448,19 @@ mod tests {
             route(&t, &macs, &MAC_C, now),
             Route::Drop(DropReason::PeerNotCarried)
         );
+        // Not carried (the fast datapath carries its traffic) but its sleeve works:
+        // unicast still goes (a stale bridge entry must not black-hole it).
+        let t2 = Table::build(
+            vec![
+                spec(B, true, None),
+                PeerSpec {
+                    established: true,
+                    ..spec(C, false, None)
+                },
+            ],
+            &Table::default(),
+        );
+        assert_eq!(route(&t2, &macs, &MAC_C, now), Route::Unicast(1));
         assert_eq!(route(&t, &macs, &MAC_D, now), Route::Flood);
         assert_eq!(
             route(&t, &macs, &BROADCAST, now),
@@ -1871,6 +1893,7 @@ mod tests {
             addr: Some(addr),
             mtu,
             carries: true,
+            established: true,
         };
         dp_a.set_peers(vec![peer(B, true, loopback(&dp_b))]);
         dp_b.set_peers(vec![peer(US, false, loopback(&dp_a))]);

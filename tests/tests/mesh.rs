@@ -4,10 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
-use weft_testbed::{Testbed, ping, tcp_transfer, wait_ping};
+use serde_json::Value;
+use weft_testbed::{Testbed, ns_exec, ping, ping_stream, tcp_transfer, wait_ping};
 
 /// How long a mesh connection may take to be established.
 const ESTABLISH: Duration = Duration::from_secs(20);
@@ -59,6 +60,12 @@ fn two_wefts_mesh_over_the_fast_datapath() {
             "{peers}"
         );
     }
+    // Split horizon: neither overlay port forwards to the other.
+    let host1 = tb.host(1).must("host").ns.clone();
+    for port in ["weft-vxlan", "weft-sleeve"] {
+        let link = ns_exec(&host1, &["bridge", "-d", "link", "show", "dev", port]).must("bridge");
+        assert!(link.contains("isolated on"), "{port}: {link}");
+    }
     let summary = tb.status(1, &[]).must("status");
     assert!(
         summary.contains("Peers: 2 (with 2 established connections)"),
@@ -89,4 +96,180 @@ fn peers_are_discovered_through_gossip() {
         Some(3),
         "host2 knows all three peers: {s:#}"
     );
+}
+
+/// Writes `password` to a file in the testbed and returns the agent arguments that
+/// name it.
+fn password_args(tb: &Testbed, n: u8, password: &str) -> Vec<String> {
+    let file = tb.dir().join(format!("h{n}.password"));
+    std::fs::write(&file, password).expect("writing the password file");
+    vec!["--password-file".to_owned(), file.display().to_string()]
+}
+
+/// With a password, two wefts connect encrypted; the fast datapath (not encrypted
+/// yet) is not offered, so the connection uses the encrypted sleeve: no pod traffic
+/// crosses the underlay in plaintext, and the fast datapath carries nothing.
+#[test]
+fn password_mesh_uses_the_encrypted_sleeve() {
+    let bin = agent_bin();
+    let mut tb = bed(2, 1);
+    for (n, peers) in [(1u8, &[][..]), (2, &[1u8][..])] {
+        let args = password_args(&tb, n, "correct horse");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tb.start_mesh_agent(n, &bin, peers, &args)
+            .must(&format!("agent {n}"));
+    }
+    for (n, peer) in [(1u8, 2u8), (2, 1)] {
+        let c = wait_connection(&tb, n, peer, ESTABLISH, established_over("sleeve"));
+        assert_eq!(c["encrypted"], true, "host{n}: {c}");
+        assert_eq!(c["mtu"], 1414, "host{n}: Weave's encrypted sleeve MTU: {c}");
+    }
+    check_pods(&tb, 1, 2);
+    let text = tb.status(1, &["connections"]).must("status connections");
+    assert!(text.contains(" established encrypted   sleeve "), "{text}");
+    let summary = tb.status(1, &[]).must("status");
+    assert!(summary.contains("Encryption: enabled"), "{summary}");
+    let s = tb.status_json(1).must("status");
+    let c = &s["connections"][0];
+    assert_eq!(c["tx_packets"], 0, "nothing on the fast datapath: {c}");
+    assert!(
+        c["sleeve"]["rx_packets"].as_u64().unwrap_or(0) > 0,
+        "the sleeve carried it: {c}"
+    );
+    // The password never shows.
+    for n in [1u8, 2] {
+        assert!(!tb.agent_log(n).contains("correct horse"), "host{n}: log");
+        assert!(!s.to_string().contains("correct horse"));
+    }
+}
+
+/// A wrong password is refused with a clear reason in status and the log, and the
+/// agents carry on (no crash, the target retried); garbage on TCP 6783 and UDP 6783
+/// is refused and counted, never fatal.
+#[test]
+fn wrong_password_and_garbage_are_refused_not_fatal() {
+    let bin = agent_bin();
+    let mut tb = bed(2, 1);
+    let a1 = password_args(&tb, 1, "one");
+    let a2 = password_args(&tb, 2, "two");
+    let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    tb.start_mesh_agent(1, &bin, &[], &a1).must("agent 1");
+    tb.start_mesh_agent(2, &bin, &[1], &a2).must("agent 2");
+    let deadline = Instant::now() + ESTABLISH;
+    let reason = loop {
+        let s = tb.status_json(2).must("status");
+        if let Some(t) = s["target_states"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["last_error"].is_string()))
+        {
+            break t["last_error"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no failure reported: {s:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(reason.contains("Unable to decrypt TCP msg"), "{reason}");
+    let text = tb.status(2, &["connections"]).must("status connections");
+    assert!(
+        text.contains("192.168.48.11:6783") && text.contains("Unable to decrypt TCP msg"),
+        "{text}"
+    );
+    assert!(
+        tb.agent_log(1).contains("Unable to decrypt TCP msg")
+            || tb.agent_log(2).contains("Unable to decrypt TCP msg"),
+        "logged"
+    );
+    // Garbage from host 2's namespace at host 1's mesh ports.
+    let host2 = tb.host(2).must("host").ns.clone();
+    ns_exec(
+        &host2,
+        &[
+            "bash",
+            "-c",
+            "head -c 3000 /dev/urandom > /dev/tcp/192.168.48.11/6783 2>/dev/null; \
+             for i in 1 2 3 4 5; do head -c 500 /dev/urandom > /dev/udp/192.168.48.11/6783; done; true",
+        ],
+    )
+    .must("garbage");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(tb.agent_running(1), "agent 1 survived");
+    let s = tb.status_json(1).must("status after garbage");
+    let drops: u64 = s["sleeve_counters"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    assert!(drops >= 5, "garbage datagrams counted: {s:#}");
+}
+
+/// Blocking UDP 6784 between two wefts moves their connection to the sleeve within
+/// 3 s, and unblocking moves it back within 5 s, without restarting anything, while
+/// a ping stream runs; pings get through on either overlay.
+#[test]
+fn blocked_fast_path_falls_back_to_sleeve_and_returns() {
+    let bin = agent_bin();
+    let mut tb = bed(2, 1);
+    tb.start_mesh_agent(1, &bin, &[], &[]).must("agent 1");
+    tb.start_mesh_agent(2, &bin, &[1], &[]).must("agent 2");
+    wait_connection(&tb, 1, 2, ESTABLISH, established_over("fastdp"));
+    wait_connection(&tb, 2, 1, ESTABLISH, established_over("fastdp"));
+    let (p1, p2) = (
+        tb.pod(1, 1).must("pod").clone(),
+        tb.pod(2, 1).must("pod").clone(),
+    );
+    wait_ping(&p1, p2.addr, FIRST_CONTACT).must("first contact");
+    let stream = {
+        let (p1, p2) = (p1.clone(), p2.clone());
+        std::thread::spawn(move || ping_stream(&p1, p2.addr, 1200, Duration::from_millis(10)))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let host1 = tb.host(1).must("host").ns.clone();
+    let nft = |rules: &str| ns_exec(&host1, &["nft", rules]).must(rules);
+    nft("add table inet weft_test");
+    nft("add chain inet weft_test in { type filter hook input priority 0 ; }");
+    nft("add chain inet weft_test out { type filter hook output priority 0 ; }");
+    let blocked = Instant::now();
+    nft("add rule inet weft_test in udp dport 6784 drop");
+    nft("add rule inet weft_test out udp dport 6784 drop");
+    for n in [1u8, 2] {
+        wait_connection(
+            &tb,
+            n,
+            3 - n,
+            Duration::from_secs(10),
+            established_over("sleeve"),
+        );
+    }
+    let to_sleeve = blocked.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let unblocked = Instant::now();
+    nft("delete table inet weft_test");
+    for n in [1u8, 2] {
+        wait_connection(
+            &tb,
+            n,
+            3 - n,
+            Duration::from_secs(10),
+            established_over("fastdp"),
+        );
+    }
+    let to_fastdp = unblocked.elapsed();
+    let r = stream.join().expect("ping thread").must("ping stream");
+    eprintln!(
+        "fastdp -> sleeve in {to_sleeve:?}, sleeve -> fastdp in {to_fastdp:?}; ping stream: \
+         {}/{} answered",
+        r.received, r.transmitted
+    );
+    assert!(
+        to_sleeve <= Duration::from_secs(3),
+        "to sleeve: {to_sleeve:?}"
+    );
+    assert!(to_fastdp <= Duration::from_secs(5), "back: {to_fastdp:?}");
+    // Only the detection window may lose pings: at 10 ms, 3 s is 300.
+    assert!(
+        r.transmitted - r.received <= 300,
+        "lost more than the detection window: {r:?}; host1: {:#}\nhost2: {:#}",
+        tb.status_json(1).unwrap_or_default(),
+        tb.status_json(2).unwrap_or_default()
+    );
+    check_pods(&tb, 1, 2);
 }

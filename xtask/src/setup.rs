@@ -34,6 +34,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
+    ("nft", "nftables"),
 ];
 
 /// How much setup reports.
