@@ -760,9 +760,9 @@ impl Node {
             return;
         };
         let label = r.label();
-        match index {
-            Some(i) if r.fastdp.as_ref().is_some_and(|(fi, _)| *fi == i) => {
-                let (_, fwd) = r.fastdp.as_mut().expect("checked");
+        let fastdp_index = r.fastdp.as_ref().map(|(i, _)| *i);
+        match (index, r.fastdp.as_mut()) {
+            (Some(i), Some((_, fwd))) if fastdp_index == Some(i) => {
                 match fwd.on_control(subtag, now) {
                     Ok(ControlOutcome::Acknowledged) => {
                         tracing::info!("[{label}]: fastdp: heartbeats acknowledged");
@@ -775,7 +775,7 @@ impl Node {
                     Err(e) => tracing::warn!("[{label}]: {e}"),
                 }
             }
-            Some(i) if r.sleeve.as_ref().is_none_or(|(si, _)| *si != i) => {
+            (Some(i), _) if r.sleeve.as_ref().is_none_or(|(si, _)| *si != i) => {
                 tracing::warn!(
                     "[{label}]: overlay control message for unknown overlay {i}; ignored"
                 );
@@ -896,11 +896,9 @@ impl Node {
             );
             self.dirty = true;
         }
-        let r = self
-            .conns
-            .get_mut(&conn)
-            .and_then(|c| c.ready.as_mut())
-            .expect("present");
+        let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) else {
+            return;
+        };
         let any = r.on_fastdp
             || r.sleeve.as_ref().is_some_and(|(_, s)| s.is_established())
             || r.fastdp.as_ref().is_some_and(|(_, f)| f.is_established());

@@ -108,6 +108,16 @@ pub fn registry() -> Vec<Box<dyn Mode>> {
             agent_args: &[],
             requires: None,
         }),
+        Box::new(WeftSleeveMode {
+            name: "weft-sleeve",
+            about: "pod to pod through weft's userspace sleeve (mesh mode, --no-fastdp), no password",
+            password: None,
+        }),
+        Box::new(WeftSleeveMode {
+            name: "weft-sleeve-encrypted",
+            about: "pod to pod through weft's sleeve, password (the encrypted sleeve, as Weave's)",
+            password: Some(WEAVE_BENCH_PASSWORD),
+        }),
         Box::new(WeaveMode {
             name: "weave-sleeve",
             about: "pod to pod through two real Weave Net 2.8.1 routers, sleeve, no password",
@@ -347,6 +357,48 @@ impl Mode for WeftMode {
             tb.start_agent(n, ctx.agent, self.agent_args)?;
         }
         pods_running(tb, vec![1, 2])
+    }
+}
+
+/// Pod to pod through two wefts in mesh mode whose connection uses the sleeve
+/// (`--no-fastdp`, or a password: the fast datapath is not offered then), the same
+/// testbed shape and test as [`WeaveMode`], so the table sets them side by side.
+pub struct WeftSleeveMode {
+    /// The mode's name.
+    pub name: &'static str,
+    /// One line on what it is.
+    pub about: &'static str,
+    /// The mesh password, if the mode encrypts.
+    pub password: Option<&'static str>,
+}
+
+impl Mode for WeftSleeveMode {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn about(&self) -> &'static str {
+        self.about
+    }
+    fn tests(&self) -> &'static [Test] {
+        &[Test::Tcp1]
+    }
+    fn setup(&self, ctx: &Ctx) -> Result<Running> {
+        let mut tb = Testbed::with_tag(TAG)?;
+        tb.add_host(1)?;
+        tb.add_host(1)?;
+        let mut extra = vec!["--no-fastdp".to_owned()];
+        if let Some(pw) = self.password {
+            let file = tb.dir().join("bench.password");
+            std::fs::write(&file, pw)?;
+            extra.push("--password-file".to_owned());
+            extra.push(file.display().to_string());
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        tb.start_mesh_agent(1, ctx.agent, &[], &extra)?;
+        tb.start_mesh_agent(2, ctx.agent, &[1], &extra)?;
+        let mut r = pods_running(tb, vec![1, 2])?;
+        r.tests = self.tests();
+        Ok(r)
     }
 }
 
