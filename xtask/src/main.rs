@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod demo;
 mod exec;
+mod fuzz;
 mod lint;
 mod setup;
 mod test;
@@ -33,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Check and install what the other tasks need: the pinned toolchain's components,
-    /// bpf-linker (in `.tools`), the Debian tools the tests use, and bpffs.
+    /// bpf-linker and cargo-fuzz (in `.tools`), the Debian tools the tests use, and bpffs.
     Setup,
     /// Build the eBPF object, then the agent that embeds it.
     Build(build::Args),
@@ -43,6 +44,8 @@ enum Task {
     Demo,
     /// rustfmt and clippy (with `-D warnings`) over the host crates and the eBPF crate.
     Lint,
+    /// Build the fuzz targets (`agent/fuzz`) and run each for a while (default 10 s).
+    Fuzz(fuzz::Args),
     /// Build, then benchmark weft against kernel VXLAN and the raw underlay (needs root).
     Bench(bench::Args),
 }
@@ -56,6 +59,7 @@ impl Task {
             Self::Test => "test",
             Self::Demo => "demo",
             Self::Lint => "lint",
+            Self::Fuzz(_) => "fuzz",
             Self::Bench(_) => "bench",
         }
     }
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Task::Test => test::run(&ws),
         Task::Demo => demo::run(&ws),
         Task::Lint => lint::run(&ws),
+        Task::Fuzz(args) => fuzz::run(&ws, args),
         Task::Bench(args) => bench::run(&ws, args),
     });
     let elapsed = started.elapsed().as_secs_f64();

@@ -19,6 +19,10 @@ use crate::{
 /// The bpf-linker release built into `.tools`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-fuzz release installed into `.tools/cargo-fuzz` (for `cargo xtask fuzz`
+/// and the fuzz smoke run of `cargo xtask test`).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Binaries the tests, the demo and the bench use, with the Debian package providing
 /// each.
 const DEBIAN_TOOLS: &[(&str, &str)] = &[
@@ -55,6 +59,7 @@ pub fn run(ws: &Workspace, mode: Mode) -> Result<()> {
     };
     toolchain(ws, &say)?;
     bpf_linker(ws, &say)?;
+    cargo_fuzz(ws, &say)?;
     debian_tools(&say)?;
     bpffs(&say)?;
     Ok(())
@@ -185,6 +190,51 @@ fn bpf_linker(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
     }
     fs::write(&stamp, libllvm.as_os_str().as_encoded_bytes())
         .with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// Where [`cargo_fuzz`] installs cargo-fuzz: its own root, so that its `bin` can go
+/// first on `PATH` without bringing anything else along.
+pub fn cargo_fuzz_root(ws: &Workspace) -> PathBuf {
+    ws.tools_dir().join("cargo-fuzz")
+}
+
+/// cargo-fuzz in `.tools/cargo-fuzz/bin`, built from crates.io with its lock file by
+/// the pinned toolchain. Reinstalled when missing or of another version.
+fn cargo_fuzz(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
+    let root = cargo_fuzz_root(ws);
+    let bin = root.join("bin").join("cargo-fuzz");
+    let want = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    // `cargo-fuzz --version` prints `cargo-fuzz 0.13.2`.
+    let version = Command::new(&bin)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    if version.as_deref() == Some(want.as_str()) {
+        say(format!("{want} ok"));
+        return Ok(());
+    }
+    eprintln!(
+        "setup: building {want} into {} (takes a few minutes)",
+        root.display()
+    );
+    exec::run(
+        ws.cargo()
+            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION])
+            .args(["--locked", "--force", "--root"])
+            .arg(&root),
+    )?;
+    let out = exec::output(Command::new(&bin).arg("--version"))?;
+    if out.trim() != want {
+        bail!(
+            "{} reports `{}`, expected `{want}`",
+            bin.display(),
+            out.trim()
+        );
+    }
+    Ok(())
 }
 
 /// The toolchain's `lib/libLLVM.so.<major>.<minor>-rust-<version>`.

@@ -1,6 +1,6 @@
 //! `cargo xtask test`: setup and build, then the unit tests, the root integration tests
 //! (weft-testbed, one at a time since they share the host's network namespaces,
-//! interfaces and bpffs), and the lints. Every stage runs even when an earlier one
+//! interfaces and bpffs), a short run of every fuzz target, and the lints. Every stage runs even when an earlier one
 //! failed, so one CI run reports all failures; the exit status is nonzero if any did.
 
 use anyhow::{Result, bail};
@@ -46,6 +46,7 @@ pub fn run(ws: &Workspace) -> Result<()> {
     };
     stages.push(("integration tests", integration));
     stages.push(("bench smoke run", crate::bench::smoke(ws, &agent)));
+    stages.push(("fuzz smoke run", crate::fuzz::smoke(ws)));
 
     stages.push(("lint", lint::run(ws)));
 

@@ -650,6 +650,17 @@ fn decode_common(r: &mut Reader<'_>) -> Result<String, GobError> {
     Ok(name)
 }
 
+/// A type id inside a definition (a field's, a slice's element, a map's key or
+/// element). Go never sends 0 (the zero value is left out, so the field is absent) nor a
+/// negative id; accepting one would make a definition that cannot be written back.
+fn type_ref(r: &mut Reader<'_>) -> Result<i64, GobError> {
+    let id = r.int()?;
+    if id <= 0 {
+        return Err(GobError::BadTypeDef("type id not positive"));
+    }
+    Ok(id)
+}
+
 /// Decodes a wireType body (the value of a type definition message).
 fn decode_wire_type(r: &mut Reader<'_>) -> Result<TypeDef, GobError> {
     let mut cur = -1;
@@ -663,7 +674,7 @@ fn decode_wire_type(r: &mut Reader<'_>) -> Result<TypeDef, GobError> {
                     0 => {
                         decode_common(r)?;
                     }
-                    1 => elem = Some(r.int()?),
+                    1 => elem = Some(type_ref(r)?),
                     _ => return Err(GobError::BadTypeDef("sliceType field")),
                 }
             }
@@ -686,7 +697,7 @@ fn decode_wire_type(r: &mut Reader<'_>) -> Result<TypeDef, GobError> {
                             while let Some(ff) = next_field(r, &mut c)? {
                                 match ff {
                                     0 => fname = r.string()?,
-                                    1 => fid = Some(r.int()?),
+                                    1 => fid = Some(type_ref(r)?),
                                     _ => return Err(GobError::BadTypeDef("fieldType field")),
                                 }
                             }
@@ -708,8 +719,8 @@ fn decode_wire_type(r: &mut Reader<'_>) -> Result<TypeDef, GobError> {
                     0 => {
                         decode_common(r)?;
                     }
-                    1 => key = Some(r.int()?),
-                    2 => elem = Some(r.int()?),
+                    1 => key = Some(type_ref(r)?),
+                    2 => elem = Some(type_ref(r)?),
                     _ => return Err(GobError::BadTypeDef("mapType field")),
                 }
             }
@@ -885,6 +896,38 @@ mod tests {
             assert_eq!(d.next_value(&mut Reader::new(&out)).unwrap(), None);
             assert_eq!(d.types().get(&id), Some(&def));
         }
+    }
+
+    /// Found by the `gob` fuzz target: a definition naming type id 0 (which Go never
+    /// sends: a zero field is left out) was accepted, and could not be written back.
+    #[test]
+    fn typedefs_with_non_positive_type_ids_are_errors() {
+        // sliceType {CommonType{}, Elem: 0 or -2}; mapType {CommonType{}, Key: 6, Elem: 0};
+        // structType {CommonType{}, Field: [{Name: "A", Id: 0}]}.
+        for body in [
+            hex("02 01 00 01 00 00 00"),
+            hex("02 01 00 01 03 00 00"),
+            hex("04 01 00 01 0c 01 00 00 00"),
+            bytes_of(r#"03 01 00 01 01 01 01 "A" 01 00 00 00 00"#),
+        ] {
+            let mut out = Vec::new();
+            put_message(&mut out, -69, &body);
+            let mut d = Decoder::new();
+            assert_eq!(
+                d.next_value(&mut Reader::new(&out)),
+                Err(GobError::BadTypeDef("type id not positive")),
+                "{body:02x?}"
+            );
+        }
+        // The same with valid ids decodes.
+        let mut out = Vec::new();
+        put_message(&mut out, -69, &hex("02 01 00 01 0c 00 00"));
+        let mut d = Decoder::new();
+        assert_eq!(d.next_value(&mut Reader::new(&out)), Ok(None));
+        assert_eq!(
+            d.types().get(&69),
+            Some(&TypeDef::Slice { elem: STRING_ID })
+        );
     }
 
     #[test]
