@@ -25,6 +25,7 @@ pub fn config(password: bool, outbound: bool) -> ConnectionConfig {
         password: password.then(|| Password::new(PASSWORD)),
         overlays: Some("fastdp sleeve".into()),
         trusted: false,
+        fast_heartbeat: true,
         outbound,
         conn_id: 0x0102_0304_0506_0708,
         key_random: [0x42; 32],
