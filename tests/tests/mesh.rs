@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
 use serde_json::Value;
-use weft_testbed::{Testbed, ns_exec, ping, ping_stream, tcp_transfer, wait_ping};
+use weft_testbed::{Testbed, ns_exec, ping, ping_stream, pod_exec, tcp_transfer, wait_ping};
 
 /// How long a mesh connection may take to be established.
 const ESTABLISH: Duration = Duration::from_secs(20);

@@ -85,18 +85,22 @@ impl Profile {
                  GRO off): super-packets cross the wire whole"
             }
             Profile::Nic => {
-                "TSO and GSO off on both ends of each host's underlay link (the host's \
-                 eth0, the switch's port), GRO on on the host's eth0: senders segment to \
-                 MTU-sized frames on the wire, receivers coalesce"
+                "TSO, UDP segmentation offload and GSO off on both ends of each host's \
+                 underlay link (the host's eth0, the switch's port), GRO on on the host's \
+                 eth0: senders segment to MTU-sized frames on the wire (TCP and UDP GSO \
+                 alike), receivers coalesce"
             }
         }
     }
 
     /// The `ethtool -K` settings of one end of a link: (short name, on).
-    fn settings(self, end: End) -> [(&'static str, bool); 3] {
+    fn settings(self, end: End) -> [(&'static str, bool); 4] {
         let nic = self == Profile::Nic;
         [
             ("tso", !nic),
+            // UDP GSO (the sleeve's batches) is a feature of its own: without this a
+            // 64 KB UDP super-packet would still cross the wire whole.
+            ("tx-udp-segmentation", !nic),
             ("gso", !nic),
             ("gro", nic && end == End::Host),
         ]
@@ -108,6 +112,7 @@ impl Profile {
         for (short, on) in self.settings(end) {
             let names: &[&'static str] = match short {
                 "tso" => &["tx-tcp-segmentation", "tx-tcp6-segmentation"],
+                "tx-udp-segmentation" => &["tx-udp-segmentation"],
                 "gso" => &["generic-segmentation-offload"],
                 _ => &["generic-receive-offload"],
             };
@@ -162,6 +167,7 @@ mod tests {
         serde_json::json!({
             "tx-tcp-segmentation": {"active": tso},
             "tx-tcp6-segmentation": {"active": tso},
+            "tx-udp-segmentation": {"active": tso},
             "generic-segmentation-offload": {"active": gso},
             "generic-receive-offload": {"active": gro},
         })
@@ -190,11 +196,15 @@ mod tests {
         }
         assert_eq!(
             nic.mismatches(End::Host, &features(true, false, true)),
-            ["tx-tcp-segmentation=true", "tx-tcp6-segmentation=true"]
+            [
+                "tx-tcp-segmentation=true",
+                "tx-tcp6-segmentation=true",
+                "tx-udp-segmentation=true"
+            ]
         );
         assert_eq!(
             veth.mismatches(End::Host, &serde_json::json!({})).len(),
-            4,
+            5,
             "absent features count as wrong"
         );
     }
