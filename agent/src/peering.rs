@@ -104,10 +104,10 @@ async fn drive<E>(
     conn: ConnKey,
     ready: &mut bool,
 ) -> Result<String, String> {
-    // As Go does for weaver's connections: no Nagle delay for small control
-    // messages, and a reset (not a lingering close) when we drop one.
+    // No Nagle delay for small control messages (as Go does for weaver's). Unlike
+    // weaver, a connection is closed with a FIN, not a reset: the peer then still
+    // reads what was sent before (its own error is clearer than "connection reset").
     let _ = stream.set_nodelay(true);
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     let (mut read, mut write) = stream.into_split();
     let mut machine = Connection::new(config, Instant::now());
     let mut buf = vec![0u8; READ_CHUNK];
