@@ -526,6 +526,7 @@ fn remote_peers(remotes: &[Peer]) -> Vec<RemotePeer> {
             short_id: p.short_id,
             addr: p.address,
             sleeve: false,
+            no_fastdp: false,
         })
         .collect()
 }

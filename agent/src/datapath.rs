@@ -12,7 +12,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use weft_common::maps::{Counter, DatapathConfig, PEER_SLEEVE, PeerEntry, PeerStats};
+use weft_common::maps::{
+    Counter, DatapathConfig, PEER_NO_FASTDP, PEER_SLEEVE, PeerEntry, PeerStats,
+};
 
 use crate::maps::{DatapathMaps, MapsError};
 
@@ -42,6 +44,9 @@ pub struct RemotePeer {
     pub addr: Ipv4Addr,
     /// Whether the sleeve carries this peer (else the fast datapath does).
     pub sleeve: bool,
+    /// Whether the fast datapath is not used with this peer at all: VXLAN from it
+    /// is dropped.
+    pub no_fastdp: bool,
 }
 
 /// What one [`Datapath::apply`] changed.
@@ -112,6 +117,7 @@ impl<M: DatapathMaps> Datapath<M> {
                 short_id,
                 addr: Ipv4Addr::from(e.addr),
                 sleeve: e.flags & PEER_SLEEVE != 0,
+                no_fastdp: e.flags & PEER_NO_FASTDP != 0,
             })
             .collect()
     }
@@ -130,7 +136,8 @@ impl<M: DatapathMaps> Datapath<M> {
             .map(|p| {
                 let entry = PeerEntry {
                     addr: p.addr.octets(),
-                    flags: if p.sleeve { PEER_SLEEVE } else { 0 },
+                    flags: if p.sleeve { PEER_SLEEVE } else { 0 }
+                        | if p.no_fastdp { PEER_NO_FASTDP } else { 0 },
                 };
                 (p.short_id, entry)
             })
@@ -273,6 +280,7 @@ mod tests {
             short_id: id,
             addr: Ipv4Addr::new(192, 168, 48, last),
             sleeve: false,
+            no_fastdp: false,
         }
     }
 

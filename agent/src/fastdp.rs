@@ -15,10 +15,13 @@
 //!   uses the sleeve) and healthy again on the next heartbeat.
 //!
 //! weft keeps that exchange, so a weaver's fast datapath works with weft's, and adds
-//! one thing between wefts: both announce (in the features, [`FEATURE`]) that they
+//! two things between wefts: both announce (in the features, [`FEATURE`]) that they
 //! send a heartbeat every [`WEFT_INTERVAL`], and then treat [`WEFT_TIMEOUT`] of
 //! silence as unhealthy, so a blocked fast path moves to the sleeve in seconds rather
-//! than Weave's minute.
+//! than Weave's minute; and each heartbeat says, in its padding ([`HEARS_OFFSET`],
+//! which Weave leaves zero and ignores), whether its sender hears the receiver's
+//! heartbeats, so a path blocked in one direction only is unhealthy at both ends
+//! (else the end that still hears its peer would keep sending into the block).
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +35,9 @@ const CONN_UID_OFFSET: usize = 14;
 const LEN_OFFSET: usize = 22;
 /// Shortest valid heartbeat.
 pub const MIN_HEARTBEAT_LEN: usize = 24;
+/// Offset of weft's "I hear you" byte in the padding (1: the sender heard the
+/// receiver's heartbeats within its timeout).
+pub const HEARS_OFFSET: usize = 24;
 
 /// Weave's heartbeat interval until acknowledged.
 pub const FAST_HEARTBEAT: Duration = Duration::from_millis(500);
@@ -47,10 +53,12 @@ pub const WEFT_INTERVAL: Duration = Duration::from_millis(500);
 /// Silence after which a weft peer's fast path counts as unhealthy.
 pub const WEFT_TIMEOUT: Duration = Duration::from_millis(2500);
 
-/// Builds the heartbeat frame for `conn_uid` on an overlay of `mtu` bytes.
-pub fn heartbeat(conn_uid: u64, mtu: u16) -> Vec<u8> {
+/// Builds the heartbeat frame for `conn_uid` on an overlay of `mtu` bytes; `hears`:
+/// we hear the receiver's heartbeats (weft's padding byte; zero as Weave sends it).
+pub fn heartbeat(conn_uid: u64, mtu: u16, hears: bool) -> Vec<u8> {
     let len = 14 + usize::from(mtu);
-    let mut frame = vec![0u8; len.max(MIN_HEARTBEAT_LEN)];
+    let mut frame = vec![0u8; len.max(HEARS_OFFSET + 1)];
+    frame[HEARS_OFFSET] = u8::from(hears);
     frame[CONN_UID_OFFSET..CONN_UID_OFFSET + 8].copy_from_slice(&conn_uid.to_be_bytes());
     let embedded = frame.len() as u16;
     frame[LEN_OFFSET..LEN_OFFSET + 2].copy_from_slice(&embedded.to_be_bytes());
@@ -70,6 +78,11 @@ pub fn parse_heartbeat(frame: &[u8]) -> Option<u64> {
     );
     let embedded = u16::from_be_bytes([frame[LEN_OFFSET], frame[LEN_OFFSET + 1]]);
     (usize::from(embedded) == frame.len()).then_some(uid)
+}
+
+/// Whether a (valid) heartbeat says its sender hears us.
+pub fn heartbeat_hears(frame: &[u8]) -> bool {
+    frame.get(HEARS_OFFSET) == Some(&1)
 }
 
 /// What the owner of a [`FastdpForwarder`] must do.
@@ -109,9 +122,15 @@ pub struct FastdpForwarder {
     slow: Duration,
     /// Silence after which the path is unhealthy.
     timeout: Duration,
+    /// The peer is a weft: it says in its heartbeats whether it hears ours.
+    weft_peer: bool,
     acked: bool,
     ack_sent: bool,
     last_heard: Option<Instant>,
+    /// When the peer last said it hears our heartbeats.
+    last_heard_by_peer: Option<Instant>,
+    /// What the peer's latest heartbeat said: a "no" counts at once.
+    peer_hears_us: bool,
     next_send: Instant,
 }
 
@@ -129,9 +148,12 @@ impl FastdpForwarder {
             mtu,
             slow,
             timeout,
+            weft_peer,
             acked: false,
             ack_sent: false,
             last_heard: None,
+            last_heard_by_peer: None,
+            peer_hears_us: false,
             next_send: now,
         }
     }
@@ -151,19 +173,32 @@ impl FastdpForwarder {
         self.acked
     }
 
-    /// Whether the fast path may carry traffic now: established, and the peer's
-    /// heartbeats arrive (both directions work).
+    /// Whether we hear the peer's heartbeats now (what our heartbeats tell it).
+    pub fn hears_peer(&self, now: Instant) -> bool {
+        self.last_heard
+            .is_some_and(|t| now.saturating_duration_since(t) < self.timeout)
+    }
+
+    /// Whether the fast path may carry traffic now: established, the peer's
+    /// heartbeats arrive, and (a weft peer) it says it hears ours: both directions
+    /// work.
     pub fn is_healthy(&self, now: Instant) -> bool {
-        self.acked
-            && self
-                .last_heard
-                .is_some_and(|t| now.saturating_duration_since(t) < self.timeout)
+        let heard_by_peer = !self.weft_peer
+            || (self.peer_hears_us
+                && self
+                    .last_heard_by_peer
+                    .is_some_and(|t| now.saturating_duration_since(t) < self.timeout));
+        self.acked && self.hears_peer(now) && heard_by_peer
     }
 
     /// A heartbeat frame arrived through the fast path (its ConnUID already matched
-    /// this connection).
-    pub fn on_heartbeat(&mut self, now: Instant) -> Vec<FastdpAction> {
+    /// this connection); `peer_hears_us`: its [`heartbeat_hears`] byte.
+    pub fn on_heartbeat(&mut self, now: Instant, peer_hears_us: bool) -> Vec<FastdpAction> {
         self.last_heard = Some(now);
+        self.peer_hears_us = peer_hears_us;
+        if peer_hears_us {
+            self.last_heard_by_peer = Some(now);
+        }
         if self.ack_sent {
             return Vec::new();
         }
@@ -212,12 +247,16 @@ mod tests {
 
     #[test]
     fn heartbeat_frame_round_trips_and_checks_its_length() {
-        let f = heartbeat(0xc350_c9d6_1fdf_9916, 1376);
+        let f = heartbeat(0xc350_c9d6_1fdf_9916, 1376, false);
         assert_eq!(f.len(), 1390);
         assert_eq!(&f[..14], &[0; 14]);
         assert_eq!(&f[14..22], &0xc350_c9d6_1fdf_9916u64.to_be_bytes());
         assert_eq!(&f[22..24], &1390u16.to_be_bytes());
-        assert!(f[24..].iter().all(|&b| b == 0));
+        assert!(f[24..].iter().all(|&b| b == 0), "as Weave sends it");
+        assert!(!heartbeat_hears(&f));
+        let h = heartbeat(7, 1376, true);
+        assert!(heartbeat_hears(&h));
+        assert_eq!(parse_heartbeat(&h), Some(7));
         assert_eq!(parse_heartbeat(&f), Some(0xc350_c9d6_1fdf_9916));
         // Cut short by the path (a smaller MTU): the embedded length tells.
         assert_eq!(parse_heartbeat(&f[..1000]), None);
@@ -255,8 +294,8 @@ mod tests {
     fn ack_is_sent_once_and_health_follows_heartbeats() {
         let t0 = Instant::now();
         let mut fwd = FastdpForwarder::new(7, 1376, true, t0);
-        assert_eq!(fwd.on_heartbeat(t0), vec![FastdpAction::SendAck]);
-        assert!(fwd.on_heartbeat(t0).is_empty());
+        assert_eq!(fwd.on_heartbeat(t0, true), vec![FastdpAction::SendAck]);
+        assert!(fwd.on_heartbeat(t0, true).is_empty());
         // Heard from, but our own heartbeats not acknowledged: not usable.
         assert!(!fwd.is_healthy(t0));
         fwd.on_control(0, t0).unwrap();
@@ -265,7 +304,7 @@ mod tests {
         assert!(!fwd.is_healthy(t0 + WEFT_TIMEOUT));
         // Back as soon as a heartbeat arrives again; no second ack.
         let t1 = t0 + Duration::from_secs(30);
-        assert!(fwd.on_heartbeat(t1).is_empty());
+        assert!(fwd.on_heartbeat(t1, true).is_empty());
         assert!(fwd.is_healthy(t1));
         // Between wefts the interval stays short after the ack.
         assert_eq!(fwd.poll(t1), vec![FastdpAction::SendHeartbeat]);
@@ -280,10 +319,34 @@ mod tests {
     }
 
     #[test]
+    fn a_weft_peer_that_does_not_hear_us_makes_the_path_unhealthy() {
+        let t0 = Instant::now();
+        let mut fwd = FastdpForwarder::new(7, 1376, true, t0);
+        fwd.on_control(0, t0).unwrap();
+        // We hear it, it does not hear us (blocked towards it): unhealthy.
+        fwd.on_heartbeat(t0, false);
+        assert!(fwd.hears_peer(t0));
+        assert!(!fwd.is_healthy(t0));
+        fwd.on_heartbeat(t0, true);
+        assert!(fwd.is_healthy(t0));
+        // It says it stopped hearing us: unhealthy at once.
+        let t1 = t0 + Duration::from_millis(500);
+        fwd.on_heartbeat(t1, false);
+        assert!(!fwd.is_healthy(t1));
+        fwd.on_heartbeat(t1, true);
+        assert!(fwd.is_healthy(t1));
+        // A Weave peer never says; its heartbeats alone count.
+        let mut weave = FastdpForwarder::new(7, 1376, false, t0);
+        weave.on_control(0, t0).unwrap();
+        weave.on_heartbeat(t0, false);
+        assert!(weave.is_healthy(t0));
+    }
+
+    #[test]
     fn weave_peer_gets_weaves_timeout() {
         let t0 = Instant::now();
         let mut fwd = FastdpForwarder::new(7, 1376, false, t0);
-        fwd.on_heartbeat(t0);
+        fwd.on_heartbeat(t0, true);
         fwd.on_control(0, t0).unwrap();
         assert!(fwd.is_healthy(t0 + Duration::from_secs(59)));
         assert!(!fwd.is_healthy(t0 + HEARTBEAT_TIMEOUT));

@@ -613,6 +613,7 @@ impl Node {
                 short_id,
                 addr,
                 sleeve: !r.on_fastdp,
+                no_fastdp: r.fastdp.is_none(),
             };
             self.lingering.insert(short_id, (entry, now + LINGER));
         }
@@ -814,7 +815,7 @@ impl Node {
                 }
                 self.poll_overlays(conn, now);
             }
-            DataplaneEvent::FastdpHeartbeat { conn_uid } => {
+            DataplaneEvent::FastdpHeartbeat { conn_uid, hears_us } => {
                 let Some(conn) = self
                     .conns
                     .iter()
@@ -828,7 +829,7 @@ impl Node {
                     .get_mut(&conn)
                     .and_then(|c| c.ready.as_mut())
                     .and_then(|r| r.fastdp.as_mut())
-                    .map(|(_, f)| f.on_heartbeat(now))
+                    .map(|(_, f)| f.on_heartbeat(now, hears_us))
                     .unwrap_or_default();
                 self.fastdp_actions(conn, actions);
                 self.poll_overlays(conn, now);
@@ -991,7 +992,11 @@ impl Node {
                     };
                     let local_id = self.settings.short_id;
                     let mut datagram = vxlan_header(vni(peer_id, local_id)).to_vec();
-                    datagram.extend_from_slice(&fastdp::heartbeat(fwd.conn_uid(), fwd.mtu()));
+                    datagram.extend_from_slice(&fastdp::heartbeat(
+                        fwd.conn_uid(),
+                        fwd.mtu(),
+                        fwd.hears_peer(Instant::now()),
+                    ));
                     // The peer receives VXLAN on its control port + 1 (Weave's rule:
                     // the dialled port if we dialled, else our own).
                     let port = if c.outbound {
@@ -1084,6 +1089,7 @@ impl Node {
                     short_id,
                     addr,
                     sleeve: !r.on_fastdp,
+                    no_fastdp: r.fastdp.is_none(),
                 });
             }
             if let Some((_, fwd)) = &r.sleeve {

@@ -24,6 +24,9 @@ use weft::mesh::{
 
 /// How long dialling a peer may take (Weave's header deadline).
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write may wait for the peer to read (a peer that stops reading is
+/// dropped rather than holding the connection's task forever).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read buffer of a connection.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -114,10 +117,11 @@ async fn drive<E>(
     loop {
         let out = machine.take_output();
         if !out.is_empty() {
-            write
-                .write_all(&out)
-                .await
-                .map_err(|e| format!("write: {e}"))?;
+            match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("write: {e}")),
+                Err(_) => return Err("write: i/o timeout".to_owned()),
+            }
         }
         while let Some(event) = machine.poll_event() {
             let event = match event {
@@ -137,7 +141,15 @@ async fn drive<E>(
         tokio::select! {
             r = read.read(&mut buf) => match r {
                 Ok(0) => return Err("EOF".to_owned()),
-                Ok(n) => machine.receive(&buf[..n], Instant::now()).map_err(|e| e.to_string())?,
+                Ok(n) => {
+                    if let Err(e) = machine.receive(&buf[..n], Instant::now()) {
+                        // What the state machine queued before the error (our features,
+                        // say) still goes out, so the peer sees the real problem.
+                        let out = machine.take_output();
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await;
+                        return Err(e.to_string());
+                    }
+                }
                 Err(e) => return Err(format!("read: {e}")),
             },
             m = outgoing.recv() => match m {
@@ -145,7 +157,7 @@ async fn drive<E>(
                 Some(Outgoing::Close) | None => {
                     // Flush what is queued (a last gossip, an error) before closing.
                     let out = machine.take_output();
-                    let _ = write.write_all(&out).await;
+                    let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await;
                     return Ok("closed".to_owned());
                 }
             },

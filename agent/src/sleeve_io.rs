@@ -95,6 +95,8 @@ pub enum DataplaneEvent {
     FastdpHeartbeat {
         /// Its ConnUID.
         conn_uid: u64,
+        /// Its sender hears our heartbeats ([`weft::fastdp::heartbeat_hears`]).
+        hears_us: bool,
     },
 }
 
@@ -660,8 +662,8 @@ struct TxPath {
 enum TxOutcome {
     /// Packed (or dropped and counted).
     Done,
-    /// A fast-datapath heartbeat with this ConnUID.
-    FastdpHeartbeat(u64),
+    /// A fast-datapath heartbeat with this ConnUID (and whether it hears us).
+    FastdpHeartbeat(u64, bool),
 }
 
 impl TxPath {
@@ -704,7 +706,7 @@ impl TxPath {
         }
         if frame[..ETH_HEADER_LEN] == [0; ETH_HEADER_LEN] {
             return match weft::fastdp::parse_heartbeat(frame) {
-                Some(uid) => TxOutcome::FastdpHeartbeat(uid),
+                Some(uid) => TxOutcome::FastdpHeartbeat(uid, weft::fastdp::heartbeat_hears(frame)),
                 None => {
                     drops.add(DropReason::BadSpecial, 1);
                     TxOutcome::Done
@@ -1007,10 +1009,10 @@ fn tx_thread(shared: Arc<Shared>) {
                     }
                 })
             };
-            if let TxOutcome::FastdpHeartbeat(conn_uid) = outcome {
+            if let TxOutcome::FastdpHeartbeat(conn_uid, hears_us) = outcome {
                 let _ = shared
                     .events
-                    .send(DataplaneEvent::FastdpHeartbeat { conn_uid });
+                    .send(DataplaneEvent::FastdpHeartbeat { conn_uid, hears_us });
             }
             if tx.pending >= TX_FLUSH_BYTES {
                 flush(&mut tx);
@@ -1560,10 +1562,10 @@ mod tests {
         process(&mut tx, &ipv4_frame(MAC_C, 100, true), &macs, &drops, now);
         assert_eq!(drops.get(DropReason::PeerNotCarried), before + 1);
         assert!(tx.lanes.iter().flatten().all(Lane::is_empty));
-        let hb = weft::fastdp::heartbeat(0x1234, 1376);
+        let hb = weft::fastdp::heartbeat(0x1234, 1376, true);
         assert_eq!(
             process(&mut tx, &hb, &macs, &drops, now).0,
-            TxOutcome::FastdpHeartbeat(0x1234)
+            TxOutcome::FastdpHeartbeat(0x1234, true)
         );
         process(&mut tx, &[0; 30], &macs, &drops, now);
         assert_eq!(drops.get(DropReason::BadSpecial), 1);

@@ -82,9 +82,16 @@ pub struct PeerEntry {
     /// The peer's underlay address: outer destination towards it, and the only outer
     /// source accepted from it. 0.0.0.0 marks an empty slot.
     pub addr: [u8; 4],
-    /// Per-peer flags: [`PEER_SLEEVE`].
+    /// Per-peer flags: [`PEER_SLEEVE`], [`PEER_NO_FASTDP`].
     pub flags: u32,
 }
+
+/// [`PeerEntry::flags`]: the fast datapath is not in use with this peer at all (not
+/// offered: a mesh password, `--no-fastdp`, or a peer without one). Everything it
+/// sends to UDP 6784 is dropped and counted, heartbeats included: where the overlay
+/// is meant to be encrypted, plaintext VXLAN with a peer's address must not reach the
+/// bridge.
+pub const PEER_NO_FASTDP: u32 = 2;
 
 /// [`PeerEntry::flags`]: the peer is reached through the sleeve (the agent's UDP
 /// tunnel) rather than the fast datapath: unicast frames to it are redirected to the
@@ -191,11 +198,14 @@ pub enum Counter {
     /// Fast-datapath heartbeats (frames with an all-zero Ethernet header) from a known
     /// peer, handed to the agent through the sleeve's TAP device.
     RxHeartbeat,
+    /// Dropped: VXLAN from a peer the fast datapath is not used with
+    /// ([`PEER_NO_FASTDP`]).
+    DropNoFastdp,
 }
 
 impl Counter {
     /// Number of counters (size of the counters map).
-    pub const COUNT: u32 = Counter::RxHeartbeat as u32 + 1;
+    pub const COUNT: u32 = Counter::DropNoFastdp as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -216,6 +226,7 @@ impl Counter {
         Counter::TxSleeve,
         Counter::DropNoSleeve,
         Counter::RxHeartbeat,
+        Counter::DropNoFastdp,
     ];
 
     /// A stable snake_case name (status output, metrics).
@@ -238,6 +249,7 @@ impl Counter {
             Counter::TxSleeve => "tx_sleeve",
             Counter::DropNoSleeve => "drop_no_sleeve",
             Counter::RxHeartbeat => "rx_heartbeat",
+            Counter::DropNoFastdp => "drop_no_fastdp",
         }
     }
 }

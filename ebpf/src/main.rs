@@ -40,7 +40,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    maps::{Counter, DatapathConfig, MAX_PEERS, PEER_SLEEVE},
+    maps::{Counter, DatapathConfig, MAX_PEERS, PEER_NO_FASTDP, PEER_SLEEVE},
     wire::{ETH_LEN, MAX_INNER_FRAME, vni_dst, vni_src},
 };
 
@@ -226,6 +226,9 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
     if remote != u32::from_be_bytes(peer.addr) {
         return Err(Counter::DropSourceMismatch);
     }
+    if peer.flags & PEER_NO_FASTDP != 0 {
+        return Err(Counter::DropNoFastdp);
+    }
     let src_mac: [u8; 6] = match read_at(ctx, 6) {
         Some(mac) => mac,
         None => ctx.load(6).map_err(|_| Counter::DropTruncated)?,
@@ -245,9 +248,11 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
 /// the agent through the sleeve's TAP device, never into the bridge.
 #[inline(always)]
 fn heartbeat(ctx: &TcContext, cfg: &DatapathConfig, src: u32) -> Result<i32, Counter> {
-    let header: [u8; 8] = ctx.load(6).map_err(|_| Counter::DropTruncated)?;
-    if header != [0; 8] || cfg.sleeve_ifindex == 0 {
-        // A zero source with a destination or type: not Weave's heartbeat.
+    // The whole Ethernet header zero, and room for the ConnUID and length: anything
+    // else with a zero source is not Weave's heartbeat (and must not reach the
+    // agent, which would treat it as a pod's frame).
+    let header: [u8; 14] = ctx.load(0).map_err(|_| Counter::DropTruncated)?;
+    if header != [0; 14] || ctx.len() < 24 || cfg.sleeve_ifindex == 0 {
         return Err(Counter::DropTruncated);
     }
     count_peer(src, ctx.len(), false);

@@ -136,6 +136,40 @@ fn password_mesh_uses_the_encrypted_sleeve() {
         c["sleeve"]["rx_packets"].as_u64().unwrap_or(0) > 0,
         "the sleeve carried it: {c}"
     );
+    // Plaintext VXLAN from host2's address, well formed for host1 (the VNI names
+    // both ShortIDs), is dropped and counted: the overlay is encrypted, so nothing
+    // may enter host1's bridge that way.
+    let id = |n: u8| {
+        tb.status_json(n).must("status")["short_id"]
+            .as_u64()
+            .expect("short_id") as u32
+    };
+    let v = (id(1) << 12) | id(2);
+    let inner = weft_testbed::synthetic::inner_frame([0xff; 6], [0x02, 0xee, 0, 0, 0, 0x51], 32);
+    let mut datagram = vec![0x08, 0, 0, 0, (v >> 16) as u8, (v >> 8) as u8, v as u8, 0];
+    datagram.extend_from_slice(&inner);
+    let host2 = tb.host(2).must("host").ns.clone();
+    let send = weft_testbed::netns::spawn_in(&host2, move || {
+        let sock = std::net::UdpSocket::bind("192.168.48.12:0")?;
+        sock.send_to(&datagram, ("192.168.48.11", 6784))?;
+        Ok(())
+    });
+    weft_testbed::netns::join(send, "send").must("plaintext VXLAN");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tb.status_json(1).must("status")["counters"]["drop_no_fastdp"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "plaintext VXLAN not counted: {:#}",
+            tb.status_json(1).must("status")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let host1 = tb.host(1).must("host").ns.clone();
+    let fdb = ns_exec(&host1, &["bridge", "fdb", "show", "br", "weave"]).must("fdb");
+    assert!(
+        !fdb.contains("02:ee:00:00:00:51"),
+        "reached the bridge: {fdb}"
+    );
     // The password never shows.
     for n in [1u8, 2] {
         assert!(!tb.agent_log(n).contains("correct horse"), "host{n}: log");
@@ -274,6 +308,29 @@ fn blocked_fast_path_falls_back_to_sleeve_and_returns() {
         "to sleeve: {to_sleeve:?}"
     );
     assert!(to_fastdp <= Duration::from_secs(5), "back: {to_fastdp:?}");
+    // Blocked one way only (host1 drops what comes in): both ends move to the
+    // sleeve (host2 still hears host1, but host1's heartbeats say it hears nothing).
+    nft("add table inet weft_test");
+    nft("add chain inet weft_test in { type filter hook input priority 0 ; }");
+    let one_way = Instant::now();
+    nft("add rule inet weft_test in udp dport 6784 drop");
+    for n in [1u8, 2] {
+        wait_connection(
+            &tb,
+            n,
+            3 - n,
+            Duration::from_secs(10),
+            established_over("sleeve"),
+        );
+    }
+    let one_way_to_sleeve = one_way.elapsed();
+    check_pods(&tb, 1, 2);
+    nft("delete table inet weft_test");
+    eprintln!("one-way block: both ends on the sleeve in {one_way_to_sleeve:?}");
+    assert!(
+        one_way_to_sleeve <= Duration::from_secs(3),
+        "one-way: {one_way_to_sleeve:?}"
+    );
     // Only the detection window may lose pings: at 10 ms, 3 s is 300.
     assert!(
         r.transmitted - r.received <= 300,

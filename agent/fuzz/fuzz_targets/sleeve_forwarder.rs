@@ -105,7 +105,7 @@ fuzz_target!(|input: Input| {
                 let _ = fastdp.on_control(subtag, now);
             }
             Op::FastdpHeartbeat => {
-                let _ = fastdp.on_heartbeat(now);
+                let _ = fastdp.on_heartbeat(now, input.outbound);
             }
         }
         let actions = fwd.poll(now);
