@@ -31,6 +31,8 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Interval of the TCP heartbeat (tag 0) once the connection is ready.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// Largest features message accepted (Weave's are under 200 bytes).
+pub const MAX_FEATURES_SIZE: usize = 64 * 1024;
 
 /// Who we are, as the features tell the remote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,7 +310,14 @@ impl Connection {
                         return Ok(());
                     };
                     let len = u32::from_be_bytes(*len);
-                    if len as usize > MAX_TCP_MSG_SIZE {
+                    // Before the handshake completes only the features may come: a
+                    // few hundred bytes, so an unauthenticated peer gets no more.
+                    let limit = if self.phase == Phase::Features {
+                        MAX_FEATURES_SIZE
+                    } else {
+                        MAX_TCP_MSG_SIZE
+                    };
+                    if len as usize > limit {
                         return Err(ConnectionError::IncomingTooLarge(len));
                     }
                     let Some(body) = avail.get(4..4 + len as usize) else {

@@ -31,6 +31,17 @@ pub const FIRST_USER_ID: i64 = 65;
 const MAX_TYPES: usize = 256;
 /// Deepest nesting of values (structs in slices in maps ...) the decoder follows.
 const MAX_DEPTH: usize = 32;
+/// Longest type or field name accepted (Weave's are a few bytes).
+const MAX_NAME: usize = 256;
+/// Memory a decoded value may take, as a multiple of its encoded size, plus
+/// [`VALUE_BUDGET_BASE`]: names are copied into every value and a one-byte element
+/// becomes a whole value, so without a budget a small message could decode into
+/// gigabytes.
+const VALUE_BUDGET_FACTOR: usize = 48;
+/// See [`VALUE_BUDGET_FACTOR`].
+const VALUE_BUDGET_BASE: usize = 64 * 1024;
+/// What one decoded value node is charged (its own size, roughly).
+const VALUE_COST: usize = 32;
 
 /// Why gob data was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -89,6 +100,15 @@ pub enum GobError {
     /// Values nested deeper than this decoder follows.
     #[error("gob: values nested too deeply")]
     TooDeep,
+    /// A value that would take far more memory decoded than encoded.
+    #[error("gob: value too large once decoded ({limit} bytes allowed)")]
+    TooLargeDecoded {
+        /// The budget of the message.
+        limit: usize,
+    },
+    /// A type or field name longer than this decoder accepts.
+    #[error("gob: name of {0} bytes is too long")]
+    NameTooLong(usize),
     /// A value of another type than the reader expected.
     #[error("gob: expected {expected} for {what}")]
     Unexpected {
@@ -513,6 +533,10 @@ fn next_field(r: &mut Reader<'_>, current: &mut i64) -> Result<Option<u64>, GobE
 #[derive(Debug, Default)]
 pub struct Decoder {
     types: HashMap<i64, TypeDef>,
+    /// What the value being decoded may still allocate.
+    budget: std::cell::Cell<usize>,
+    /// The whole budget of the message being decoded (for the error).
+    limit: usize,
 }
 
 impl Decoder {
@@ -553,6 +577,8 @@ impl Decoder {
             if !is_struct && msg.byte()? != 0 {
                 return Err(GobError::MissingSingletonMarker);
             }
+            self.limit = VALUE_BUDGET_BASE + VALUE_BUDGET_FACTOR * len;
+            self.budget.set(self.limit);
             let value = self.value(&mut msg, id, 0)?;
             if !msg.is_empty() {
                 return Err(GobError::TrailingBytes(msg.remaining().len()));
@@ -573,10 +599,21 @@ impl Decoder {
             .ok_or(GobError::EndOfStream(what))
     }
 
+    /// Takes `cost` bytes from the message's budget.
+    fn charge(&self, cost: usize) -> Result<(), GobError> {
+        let left = self.budget.get();
+        if cost > left {
+            return Err(GobError::TooLargeDecoded { limit: self.limit });
+        }
+        self.budget.set(left - cost);
+        Ok(())
+    }
+
     fn value(&self, r: &mut Reader<'_>, id: i64, depth: usize) -> Result<Value, GobError> {
         if depth > MAX_DEPTH {
             return Err(GobError::TooDeep);
         }
+        self.charge(VALUE_COST)?;
         match id {
             BOOL_ID => return r.bool().map(Value::Bool),
             INT_ID => return r.int().map(Value::Int),
@@ -592,6 +629,7 @@ impl Decoder {
         };
         match def {
             TypeDef::Struct { name, fields } => {
+                self.charge(name.len())?;
                 let mut out = Vec::new();
                 let mut current = -1;
                 while let Some(field) = next_field(r, &mut current)? {
@@ -603,6 +641,7 @@ impl Decoder {
                             field,
                             count: fields.len(),
                         })?;
+                    self.charge(fname.len() + VALUE_COST)?;
                     let v = self.value(r, *fid, depth + 1)?;
                     out.push((fname.clone(), v));
                 }
@@ -634,13 +673,22 @@ impl Decoder {
     }
 }
 
+/// A type or field name, at most [`MAX_NAME`] bytes.
+fn bounded_name(r: &mut Reader<'_>) -> Result<String, GobError> {
+    let name = r.string()?;
+    if name.len() > MAX_NAME {
+        return Err(GobError::NameTooLong(name.len()));
+    }
+    Ok(name)
+}
+
 /// CommonType {Name string; Id int}: returns the name.
 fn decode_common(r: &mut Reader<'_>) -> Result<String, GobError> {
     let mut name = String::new();
     let mut cur = -1;
     while let Some(f) = next_field(r, &mut cur)? {
         match f {
-            0 => name = r.string()?,
+            0 => name = bounded_name(r)?,
             1 => {
                 r.int()?;
             }
@@ -696,7 +744,7 @@ fn decode_wire_type(r: &mut Reader<'_>) -> Result<TypeDef, GobError> {
                             let mut c = -1;
                             while let Some(ff) = next_field(r, &mut c)? {
                                 match ff {
-                                    0 => fname = r.string()?,
+                                    0 => fname = bounded_name(r)?,
                                     1 => fid = Some(type_ref(r)?),
                                     _ => return Err(GobError::BadTypeDef("fieldType field")),
                                 }
@@ -1089,5 +1137,40 @@ mod tests {
             t[i] ^= 0xff;
             let _ = Decoder::new().next_value(&mut Reader::new(&t));
         }
+    }
+
+    #[test]
+    fn small_messages_cannot_decode_into_huge_values() {
+        // A struct type with a long name and no fields, then a slice of 20,000 of
+        // them, one byte each: every element would copy the name.
+        let name = "n".repeat(MAX_NAME);
+        let mut out = Vec::new();
+        TypeDef::Struct {
+            name: name.clone(),
+            fields: Vec::new(),
+        }
+        .put_definition(&mut out, 65);
+        TypeDef::Slice { elem: 65 }.put_definition(&mut out, 66);
+        let mut body = Vec::new();
+        put_int(&mut body, 66);
+        body.push(0);
+        put_uint(&mut body, 20_000);
+        body.extend(std::iter::repeat_n(0u8, 20_000));
+        put_uint(&mut out, body.len() as u64);
+        out.extend_from_slice(&body);
+        let mut dec = Decoder::new();
+        let err = dec.next_value(&mut Reader::new(&out)).unwrap_err();
+        assert!(matches!(err, GobError::TooLargeDecoded { .. }), "{err}");
+        // A name over the limit is refused outright.
+        let mut long = Vec::new();
+        TypeDef::Struct {
+            name: "n".repeat(MAX_NAME + 1),
+            fields: Vec::new(),
+        }
+        .put_definition(&mut long, 65);
+        let err = Decoder::new()
+            .next_value(&mut Reader::new(&long))
+            .unwrap_err();
+        assert_eq!(err, GobError::NameTooLong(MAX_NAME + 1));
     }
 }
