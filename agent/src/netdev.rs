@@ -313,6 +313,20 @@ impl Netdev {
             .map_err(|e| NetdevError::Request(format!("isolating bridge port {index}"), e))
     }
 
+    /// Sets a link's Ethernet address.
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), NetdevError> {
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(mac.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| NetdevError::Request(format!("setting the address of link {index}"), e))
+    }
+
     /// Sets a link down.
     pub async fn set_down(&self, index: u32) -> Result<(), NetdevError> {
         self.handle

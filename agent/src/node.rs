@@ -130,11 +130,13 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Weave's default peer name: the bridge's MAC if it exists, else one derived from
-/// the machine's IDs (`/etc/machine-id` and the DMI/hypervisor UUID) so it is stable
-/// across restarts, else random.
+/// Weave's default peer name: the MAC of a bridge weft made (weft gives it the
+/// peer's name, as Weave does), else one derived from the machine's IDs
+/// (`/etc/machine-id` and the DMI/hypervisor UUID) so it is stable across restarts,
+/// else random.
 async fn default_name(net: &Netdev, bridge: &str) -> anyhow::Result<PeerName> {
     if let Some(link) = net.link(bridge).await?
+        && link.is_ours()
         && link.mac != [0; 6]
     {
         return Ok(PeerName(link.mac));
@@ -191,6 +193,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // 2. Kernel state: bridge, the sleeve's TAP device, the datapath.
     let setup = async {
         let bridge = agent::bridge(&args, &net, &mut rollback).await?;
+        if bridge.is_ours() && bridge.mac != name.0 {
+            // As Weave does: the bridge carries the peer's name, which keeps the
+            // default name stable across restarts.
+            net.set_mac(bridge.index, name.0).await?;
+        }
         let tap = crate::tap::Tap::create(SLEEVE_DEVICE, Some(u32::from(args.mtu)))
             .with_context(|| format!("creating the sleeve's TAP device {SLEEVE_DEVICE}"))?;
         let tap_index = tap.ifindex()?;
@@ -221,22 +228,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             if let Some(sig) = stop {
                 tracing::info!("{sig} during setup: undoing it");
             }
+            // The TAP device goes first (with its fd), so a bridge this run made
+            // has no port left and goes too.
+            let outcome = outcome.map(drop);
             drop(ebpf);
             rollback.run(&net).await;
-            return outcome.map(drop);
+            return outcome;
+        }
+    };
+    drop(ebpf);
+
+    // 3. The mesh's sockets: a port taken (another Weave router on this host, say)
+    //    undoes the set-up, as any failure before the datapath is complete does.
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (dp_tx, dp_events) = mpsc::unbounded_channel();
+    let sockets = (|| {
+        let listener = peering::listen(args.port)
+            .with_context(|| format!("listening on TCP port {}", args.port))?;
+        let fastdp_socket = fastdp_socket(address).context("opening the fast-datapath socket")?;
+        let dataplane = Dataplane::start(tap, args.port, name, dp_tx)
+            .context("starting the sleeve's data path (UDP 6783)")?;
+        anyhow::Ok((listener, fastdp_socket, dataplane))
+    })();
+    let (listener, fastdp_socket, dataplane) = match sockets {
+        Ok(s) => s,
+        Err(e) => {
+            drop(datapath);
+            rollback.run(&net).await;
+            return Err(e);
         }
     };
     drop(rollback);
-    drop(ebpf);
-
-    // 3. The mesh.
-    let (events_tx, events) = mpsc::unbounded_channel();
-    let (dp_tx, dp_events) = mpsc::unbounded_channel();
-    let dataplane = Dataplane::start(tap, args.port, name, dp_tx)
-        .context("starting the sleeve's data path (UDP 6783)")?;
-    let listener = peering::listen(args.port)
-        .with_context(|| format!("listening on TCP port {}", args.port))?;
-    let fastdp_socket = fastdp_socket(address).context("opening the fast-datapath socket")?;
     let uid = random_u64() | 1;
     let now = Instant::now();
     let mut config = MeshConfig::new(name, nickname.clone(), uid, settings.short_id);
@@ -638,6 +660,11 @@ impl Node {
             c.handle.close();
             let reason = "no overlays in common with peer";
             tracing::info!("connection to {remote} refused: {reason}");
+            self.conns.remove(&conn);
+            if outbound {
+                let actions = self.mesh.handshake_failed(now, remote, reason);
+                self.apply(actions, now);
+            }
             return;
         }
         let info = ConnInfo {
@@ -900,6 +927,14 @@ impl Node {
         let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) else {
             return;
         };
+        let sleeve_failed = r.sleeve.as_ref().is_some_and(|(_, s)| s.is_failed());
+        if sleeve_failed && !r.on_fastdp {
+            // The sleeve failed while the fast path was carrying traffic, and now
+            // that is gone too: nothing works (Weave closes such a connection).
+            let reason = format!("no working forwarders to {}", r.label());
+            self.close(conn, &reason);
+            return;
+        }
         let any = r.on_fastdp
             || r.sleeve.as_ref().is_some_and(|(_, s)| s.is_established())
             || r.fastdp.as_ref().is_some_and(|(_, f)| f.is_established());
@@ -1082,8 +1117,14 @@ impl Node {
         let mut sleeve_peers = Vec::new();
         for c in self.conns.values() {
             let Some(r) = &c.ready else { continue };
+            // A ShortID two peers claim goes to its owner by Weave's rule (the lower
+            // name) until the other re-picks; the other stays off the fast datapath.
+            let owner = r
+                .short_id
+                .and_then(|id| self.mesh.topology().short_id_owner(id));
             if let (Some(short_id), IpAddr::V4(addr)) = (r.short_id, c.remote.ip())
                 && short_id != self.settings.short_id
+                && owner.is_none_or(|o| o == r.name)
             {
                 desired.entry(short_id).or_insert(RemotePeer {
                     short_id,
