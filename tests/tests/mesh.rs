@@ -340,3 +340,24 @@ fn blocked_fast_path_falls_back_to_sleeve_and_returns() {
     );
     check_pods(&tb, 1, 2);
 }
+
+/// Without `--name`, the name is derived as Weave derives it and is the same after a
+/// restart (it shows in status; peers know the host by it).
+#[test]
+fn default_name_is_stable_across_restarts() {
+    let bin = agent_bin();
+    let mut tb = bed(1, 1);
+    let mut args = tb.mesh_agent_args(1, &[], &[]).must("args");
+    let at = args.iter().position(|a| a == "--name").expect("--name");
+    args.drain(at..at + 2);
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        tb.start_agent_with_args(1, &bin, &args).must("agent");
+        let s = tb.status_json(1).must("status");
+        names.push(s["name"].as_str().expect("name").to_owned());
+        tb.stop_agent(1).must("stop");
+    }
+    assert_eq!(names[0], names[1], "the same name after a restart");
+    let first = u8::from_str_radix(&names[0][..2], 16).expect("hex");
+    assert_eq!(first & 0x03, 0x02, "a locally administered unicast MAC: {}", names[0]);
+}
