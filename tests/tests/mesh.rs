@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
 use serde_json::Value;
-use weft_testbed::{Testbed, ns_exec, ping, ping_stream, pod_exec, tcp_transfer, wait_ping};
+use weft_testbed::{Testbed, ns_exec, ping, ping_stream, tcp_transfer, wait_ping};
 
 /// How long a mesh connection may take to be established.
 const ESTABLISH: Duration = Duration::from_secs(20);
@@ -359,5 +359,10 @@ fn default_name_is_stable_across_restarts() {
     }
     assert_eq!(names[0], names[1], "the same name after a restart");
     let first = u8::from_str_radix(&names[0][..2], 16).expect("hex");
-    assert_eq!(first & 0x03, 0x02, "a locally administered unicast MAC: {}", names[0]);
+    assert_eq!(
+        first & 0x03,
+        0x02,
+        "a locally administered unicast MAC: {}",
+        names[0]
+    );
 }

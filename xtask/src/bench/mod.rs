@@ -252,7 +252,7 @@ fn run_inner(ws: &Workspace, args: &Args, agent: &Path) -> Result<PathBuf> {
     progress_done();
 
     for (name, r) in &running {
-        if !r.has_agents() {
+        if !r.has_agents() || !r.ebpf_carries {
             continue;
         }
         for &profile in &profiles {

@@ -183,6 +183,9 @@ pub struct Running {
     weaver_hosts: Vec<u8>,
     /// The tests run in each round.
     pub tests: &'static [Test],
+    /// Whether weft's eBPF programs carry the traffic (not in the sleeve modes): the
+    /// live run-time statistics are taken only then.
+    pub ebpf_carries: bool,
 }
 
 impl Running {
@@ -398,6 +401,7 @@ impl Mode for WeftSleeveMode {
         tb.start_mesh_agent(2, ctx.agent, &[1], &extra)?;
         let mut r = pods_running(tb, vec![1, 2])?;
         r.tests = self.tests();
+        r.ebpf_carries = false;
         Ok(r)
     }
 }
@@ -482,6 +486,7 @@ fn running(
         agent_hosts,
         weaver_hosts: Vec::new(),
         tests: &Test::ALL,
+        ebpf_carries: true,
     };
     wait_reachable(&r.client, &r.server)?;
     Ok(r)
