@@ -58,6 +58,10 @@ const TICK: Duration = Duration::from_millis(100);
 /// an adopted entry waits for its peer to reconnect): a restart of either end does
 /// not interrupt fast-datapath traffic.
 const LINGER: Duration = Duration::from_secs(30);
+/// How long the fast datapath must stay healthy before traffic moves (back) to it.
+const FASTDP_HOLD: Duration = Duration::from_secs(1);
+/// Most connection attempts in flight at once (discovery may name many peers).
+const MAX_DIALS: usize = 32;
 /// How often the status snapshot is rebuilt when nothing changes.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest password file read.
@@ -313,6 +317,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|p| (p.short_id, (p, now + LINGER)))
             .collect(),
         status: shared.clone(),
+        dialling: 0,
         next_snapshot: now,
         dirty: true,
     };
@@ -447,6 +452,8 @@ struct Ready {
     established: bool,
     /// The fast datapath carries the traffic now.
     on_fastdp: bool,
+    /// Since when the fast datapath has been healthy without a break.
+    healthy_since: Option<Instant>,
 }
 
 impl Ready {
@@ -490,6 +497,8 @@ struct Node {
     /// until).
     lingering: BTreeMap<ShortId, (RemotePeer, Instant)>,
     status: Arc<Mutex<Status>>,
+    /// Connection attempts in flight.
+    dialling: usize,
     /// When the status snapshot is rebuilt next (counters move on their own).
     next_snapshot: Instant,
     /// The datapath, the sleeve's peers or the status need a refresh.
@@ -543,8 +552,12 @@ impl Node {
                 }
                 self.start_connection(stream, from, false);
             }
-            Input::Dialled(addr, Ok(stream)) => self.start_connection(stream, addr, true),
+            Input::Dialled(addr, Ok(stream)) => {
+                self.dialling = self.dialling.saturating_sub(1);
+                self.start_connection(stream, addr, true);
+            }
             Input::Dialled(addr, Err(reason)) => {
+                self.dialling = self.dialling.saturating_sub(1);
                 tracing::info!("->[{addr}] attempt failed: {reason}");
                 let actions = self.mesh.dial_failed(now, addr, &reason);
                 self.apply(actions, now);
@@ -733,6 +746,7 @@ impl Node {
                     fastdp,
                     established: false,
                     on_fastdp: false,
+                    healthy_since: None,
                 });
             }
             if let Some(short_id) = features.short_id {
@@ -914,7 +928,18 @@ impl Node {
         let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) else {
             return;
         };
-        let fastdp_ok = r.fastdp.as_ref().is_some_and(|(_, f)| f.is_healthy(now));
+        let healthy = r.fastdp.as_ref().is_some_and(|(_, f)| f.is_healthy(now));
+        if !healthy {
+            r.healthy_since = None;
+        } else if r.healthy_since.is_none() {
+            r.healthy_since = Some(now);
+        }
+        // Leave the fast datapath at once; take it (back) only once it has stayed
+        // healthy for a while, so a lossy path does not flap.
+        let fastdp_ok = healthy
+            && (r.on_fastdp
+                || r.healthy_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= FASTDP_HOLD));
         if fastdp_ok != r.on_fastdp {
             r.on_fastdp = fastdp_ok;
             let label = r.label();
@@ -1070,6 +1095,13 @@ impl Node {
         for action in actions {
             match action {
                 Action::Dial(addr) => {
+                    if self.dialling >= MAX_DIALS {
+                        let reason = "too many connection attempts in flight";
+                        let actions = self.mesh.dial_failed(now, addr, reason);
+                        self.apply(actions, now);
+                        continue;
+                    }
+                    self.dialling += 1;
                     let events = self.events_tx.clone();
                     let local = Some(IpAddr::V4(self.address));
                     tokio::spawn(async move {
