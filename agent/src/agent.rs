@@ -610,15 +610,7 @@ fn snapshot(state: &Shared) -> Status {
             }
         })
         .collect();
-    let counters = s
-        .datapath
-        .counters()
-        .map(|cs| {
-            cs.into_iter()
-                .map(|(c, v)| (c.name().to_owned(), v))
-                .collect()
-        })
-        .unwrap_or_default();
+    let counters = s.datapath.counters_by_name();
     // Without a mesh, the peers are the peers file: this peer lists its connections;
     // what the others see is unknown here, so they list none.
     let local = StatusPeer {

@@ -235,7 +235,19 @@ impl<M: DatapathMaps> Datapath<M> {
         self.maps.peer_stats(short_id)
     }
 
-    /// The datapath counters by name.
+    /// The datapath counters by name, as status shows them (empty if the maps cannot
+    /// be read: status must still answer).
+    pub fn counters_by_name(&self) -> BTreeMap<String, u64> {
+        self.counters()
+            .map(|cs| {
+                cs.into_iter()
+                    .map(|(c, v)| (c.name().to_owned(), v))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The datapath counters.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, MapsError> {
         Ok(Counter::ALL
             .iter()

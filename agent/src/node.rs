@@ -544,6 +544,12 @@ impl Node {
     }
 
     fn on_input(&mut self, input: Input, now: Instant) {
+        // A message changes the datapath or status only through what it makes the
+        // mesh or an overlay do (they mark the node dirty themselves); anything else
+        // (a connection starting or ending, targets) refreshes it.
+        if !matches!(input, Input::Conn(_, ConnEvent::Message(_))) {
+            self.dirty = true;
+        }
         match input {
             Input::Accepted(stream, from) => {
                 if !self.mesh.accept_allowed(now) {
@@ -576,7 +582,6 @@ impl Node {
                 self.apply(actions, now);
             }
         }
-        self.dirty = true;
     }
 
     fn start_connection(
@@ -1233,15 +1238,7 @@ impl Node {
             }
             connections.push(conn);
         }
-        let counters = self
-            .datapath
-            .counters()
-            .map(|cs| {
-                cs.into_iter()
-                    .map(|(c, v)| (c.name().to_owned(), v))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let counters = self.datapath.counters_by_name();
         let wall = std::time::SystemTime::now();
         let local = self.mesh.local();
         let mut status = Status {

@@ -98,6 +98,19 @@ fn peers_are_discovered_through_gossip() {
     );
 }
 
+/// Waits until hosts 1 and 2 each show their connection to the other on `overlay`.
+fn wait_both_over(tb: &Testbed, overlay: &'static str) {
+    for n in [1u8, 2] {
+        wait_connection(
+            tb,
+            n,
+            3 - n,
+            Duration::from_secs(10),
+            established_over(overlay),
+        );
+    }
+}
+
 /// Writes `password` to a file in the testbed and returns the agent arguments that
 /// name it.
 fn password_args(tb: &Testbed, n: u8, password: &str) -> Vec<String> {
@@ -274,28 +287,12 @@ fn blocked_fast_path_falls_back_to_sleeve_and_returns() {
     let blocked = Instant::now();
     nft("add rule inet weft_test in udp dport 6784 drop");
     nft("add rule inet weft_test out udp dport 6784 drop");
-    for n in [1u8, 2] {
-        wait_connection(
-            &tb,
-            n,
-            3 - n,
-            Duration::from_secs(10),
-            established_over("sleeve"),
-        );
-    }
+    wait_both_over(&tb, "sleeve");
     let to_sleeve = blocked.elapsed();
     std::thread::sleep(Duration::from_secs(2));
     let unblocked = Instant::now();
     nft("delete table inet weft_test");
-    for n in [1u8, 2] {
-        wait_connection(
-            &tb,
-            n,
-            3 - n,
-            Duration::from_secs(10),
-            established_over("fastdp"),
-        );
-    }
+    wait_both_over(&tb, "fastdp");
     let to_fastdp = unblocked.elapsed();
     let r = stream.join().expect("ping thread").must("ping stream");
     eprintln!(
@@ -314,15 +311,7 @@ fn blocked_fast_path_falls_back_to_sleeve_and_returns() {
     nft("add chain inet weft_test in { type filter hook input priority 0 ; }");
     let one_way = Instant::now();
     nft("add rule inet weft_test in udp dport 6784 drop");
-    for n in [1u8, 2] {
-        wait_connection(
-            &tb,
-            n,
-            3 - n,
-            Duration::from_secs(10),
-            established_over("sleeve"),
-        );
-    }
+    wait_both_over(&tb, "sleeve");
     let one_way_to_sleeve = one_way.elapsed();
     check_pods(&tb, 1, 2);
     nft("delete table inet weft_test");

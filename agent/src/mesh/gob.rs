@@ -790,7 +790,7 @@ fn decode_wire_type(r: &mut Reader<'_>) -> Result<TypeDef, GobError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {

@@ -563,21 +563,7 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bytes_of(spec: &str) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (i, part) in spec.split('"').enumerate() {
-            if i % 2 == 1 {
-                out.extend_from_slice(part.as_bytes());
-            } else {
-                let h: String = part.split_whitespace().collect();
-                for j in (0..h.len()).step_by(2) {
-                    out.push(u8::from_str_radix(&h[j..j + 2], 16).unwrap());
-                }
-            }
-        }
-        out
-    }
+    use crate::mesh::gob::tests::bytes_of;
 
     fn h1_features_body() -> Vec<u8> {
         bytes_of(
