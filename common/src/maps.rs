@@ -82,7 +82,7 @@ pub struct PeerEntry {
     /// The peer's underlay address: outer destination towards it, and the only outer
     /// source accepted from it. 0.0.0.0 marks an empty slot.
     pub addr: [u8; 4],
-    /// Per-peer flags: [`PEER_SLEEVE`], [`PEER_NO_FASTDP`].
+    /// Per-peer flags: [`PEER_SLEEVE`], [`PEER_NO_FASTDP`], [`PEER_ENCRYPTED`].
     pub flags: u32,
 }
 
@@ -98,6 +98,19 @@ pub const PEER_NO_FASTDP: u32 = 2;
 /// sleeve's TAP device, and it is left out of the flood list (the bridge floods to
 /// the TAP device too, and the agent floods to sleeve peers).
 pub const PEER_SLEEVE: u32 = 1;
+
+/// [`PeerEntry::flags`]: traffic with the peer is IPsec-encrypted. Frames sent to it
+/// carry [`IPSEC_MARK`], which the agent's XFRM policies (and its catch-all block
+/// policy) match, so they leave inside ESP or not at all; VXLAN received from it
+/// without the mark (that is, not decrypted by one of the agent's inbound SAs) is
+/// dropped and counted.
+pub const PEER_ENCRYPTED: u32 = 4;
+
+/// The packet mark of encrypted fast-datapath traffic, in both directions: set by
+/// `weft_encap` on frames to [`PEER_ENCRYPTED`] peers (the outbound XFRM policies
+/// select it) and by the agent's inbound SAs on what they decrypt. Weave Net's value,
+/// so a Weave host's firewall rules and weft's agree.
+pub const IPSEC_MARK: u32 = 0x20000;
 
 /// Key of the learned MAC table: an Ethernet address padded to 8 bytes.
 #[repr(C)]
