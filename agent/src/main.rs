@@ -10,7 +10,8 @@
 //! [`netdev`] (links via rtnetlink), [`loader`] (eBPF load/attach),
 //! [`maps`] (the map chokepoint), [`datapath`] (desired state -> maps), [`control`]
 //! (the local socket), [`status`] (Weave-style output), [`api`] (Weave's HTTP status
-//! endpoints), [`metrics`] (Prometheus), [`agent`] (the lifecycle).
+//! endpoints), [`metrics`] (Prometheus), [`xfrm`] (IPsec SAs and policies),
+//! [`agent`] (the lifecycle).
 
 mod agent;
 mod api;
@@ -32,6 +33,8 @@ mod status;
 mod tap;
 #[allow(dead_code)]
 mod udp;
+#[allow(dead_code)]
+mod xfrm;
 
 use std::process::ExitCode;
 
