@@ -399,14 +399,19 @@ impl IpsecSession {
     /// The kernel allocated `spi` for an [`IpsecAction::AllocInbound`]; `nonce` is 32
     /// fresh bytes from a CSPRNG. Returns [`IpsecAction::InstallInbound`] then
     /// [`IpsecAction::SendInit`]. An SPI nobody asked for (after
-    /// [`teardown`](Self::teardown)) is handed back for deletion.
+    /// [`teardown`](Self::teardown)) is handed back for deletion; one of this
+    /// session's SAs in use counts as a failed allocation.
     pub fn on_spi_allocated(
         &mut self,
         spi: u32,
         nonce: [u8; NONCE_LEN],
         now: Instant,
     ) -> Vec<IpsecAction> {
-        if self.torn_down || self.alloc != Alloc::Pending || Some(spi) == self.inbound {
+        if self.inbound_spis().any(|s| s == spi) {
+            // Not a fresh SPI (the kernel never does this): never touch an SA in use.
+            return self.on_alloc_failed(now);
+        }
+        if self.torn_down || self.alloc != Alloc::Pending {
             return vec![IpsecAction::DeleteInbound { spi }];
         }
         let key = derive_key(&self.key, &nonce, self.local);
@@ -906,6 +911,25 @@ mod tests {
             s.on_alloc_failed(t);
         }
         assert_eq!(s.next_deadline(), Some(t + RETRY_MAX));
+    }
+
+    #[test]
+    fn a_stale_or_reused_spi_is_never_installed() {
+        let t0 = Instant::now();
+        let mut s = IpsecSession::new(A, B, KEY, Some(Duration::from_secs(60)), t0);
+        // Nobody asked: handed back.
+        assert!(matches!(
+            s.on_spi_allocated(0x900, [1; 32], t0)[..],
+            [IpsecAction::DeleteInbound { spi: 0x900 }]
+        ));
+        s.poll(t0);
+        s.on_spi_allocated(0x901, [1; 32], t0);
+        let t1 = t0 + Duration::from_secs(60);
+        assert!(matches!(s.poll(t1)[..], [IpsecAction::AllocInbound]));
+        // The SPI in use again: not installed, not deleted, retried later.
+        assert!(s.on_spi_allocated(0x901, [2; 32], t1).is_empty());
+        assert_eq!(s.inbound_spis().collect::<Vec<_>>(), [0x901]);
+        assert_eq!(s.next_deadline(), Some(t1 + RETRY_MIN));
     }
 
     #[test]

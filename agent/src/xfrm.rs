@@ -22,6 +22,22 @@
 //!   a marked packet that no per-peer policy covers is dropped, never sent in clear
 //!   (Weave uses an iptables rule).
 //!
+//! Driving it from a `weft::ipsec::IpsecSession` (local and remote addresses of the
+//! connection's VXLAN path):
+//!
+//! | action | calls | on error |
+//! |---|---|---|
+//! | `AllocInbound` | [`Xfrm::alloc_spi`]`(remote, local)`, then `on_spi_allocated(spi, 32 random bytes)` | `on_alloc_failed` |
+//! | `InstallInbound` | [`Xfrm::install_sa`] (inbound, `remote -> local`) | `on_install_failed`, skip the batch's `SendInit` |
+//! | `SendInit` | overlay control message, sub-tag 1 | (the connection is failing) |
+//! | `InstallOutbound` | [`Xfrm::install_sa`] (outbound, `local -> remote`), then [`Xfrm::set_policy`]`(local, remote, spi)` | `on_outbound_failed` |
+//! | `DeleteInbound` | [`Xfrm::delete_sa`]`(remote, local, spi)` | log |
+//! | `DeleteOutbound` | [`Xfrm::delete_policy`]`(local, remote, Some(spi))`, then [`Xfrm::delete_sa`]`(local, remote, spi)` | log |
+//!
+//! At start: [`Xfrm::esp_support`], [`Xfrm::remove_own`]`(true)` (a previous run's
+//! state), [`Xfrm::ensure_block_policy`]; when encryption is turned off or the
+//! datapath removed: [`Xfrm::remove_own`]`(false)`.
+//!
 //! Key material: SA requests carry the key; the request buffer and the message are
 //! zeroed after sending, the socket asks for capped acks (`NETLINK_CAP_ACK`, so
 //! errors do not echo the request back) and SA dumps are zeroed after parsing.
