@@ -527,6 +527,7 @@ fn remote_peers(remotes: &[Peer]) -> Vec<RemotePeer> {
             addr: p.address,
             sleeve: false,
             no_fastdp: false,
+            encrypted: false,
         })
         .collect()
 }
@@ -696,6 +697,9 @@ pub async fn reset(args: ResetArgs) -> anyhow::Result<()> {
         delete_bridge_if_unused(&net, bridge.index, &bridge.name).await;
     }
     remove_stale_socket(&args.socket);
+    // The IPsec state goes last: until the device is gone, its marked frames to
+    // encrypted peers must meet the block policy rather than leave in clear.
+    crate::esp::Esp::remove_all();
     tracing::info!("weft reset: datapath removed");
     Ok(())
 }

@@ -75,10 +75,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "NICK")]
     pub nickname: Option<String>,
     /// File holding the mesh password [default: the WEAVE_PASSWORD environment
-    /// variable]. With a password, control connections and the sleeve are encrypted;
-    /// the fast datapath is not (yet), so encrypted connections use the sleeve.
+    /// variable]. With a password, control connections and the sleeve are encrypted,
+    /// and the fast datapath uses IPsec ESP; where the kernel has no ESP, encrypted
+    /// connections use the sleeve.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    /// Seconds between renewals of a connection's IPsec keys (between wefts; a
+    /// Weave router keeps its first keys).
+    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(5..=86_400 * 30))]
+    pub ipsec_rekey_interval: u64,
     /// Never use the fast datapath: every connection uses the sleeve.
     #[arg(long)]
     pub no_fastdp: bool,

@@ -13,7 +13,7 @@ use std::{
 };
 
 use weft_common::maps::{
-    Counter, DatapathConfig, PEER_NO_FASTDP, PEER_SLEEVE, PeerEntry, PeerStats,
+    Counter, DatapathConfig, PEER_ENCRYPTED, PEER_NO_FASTDP, PEER_SLEEVE, PeerEntry, PeerStats,
 };
 
 use crate::maps::{DatapathMaps, MapsError};
@@ -47,6 +47,10 @@ pub struct RemotePeer {
     /// Whether the fast datapath is not used with this peer at all: VXLAN from it
     /// is dropped.
     pub no_fastdp: bool,
+    /// Whether fast-datapath traffic with this peer is IPsec-encrypted: frames to it
+    /// carry the IPsec mark (they leave inside ESP or not at all), VXLAN from it that
+    /// no inbound SA decrypted is dropped.
+    pub encrypted: bool,
 }
 
 /// What one [`Datapath::apply`] changed.
@@ -118,6 +122,7 @@ impl<M: DatapathMaps> Datapath<M> {
                 addr: Ipv4Addr::from(e.addr),
                 sleeve: e.flags & PEER_SLEEVE != 0,
                 no_fastdp: e.flags & PEER_NO_FASTDP != 0,
+                encrypted: e.flags & PEER_ENCRYPTED != 0,
             })
             .collect()
     }
@@ -137,7 +142,8 @@ impl<M: DatapathMaps> Datapath<M> {
                 let entry = PeerEntry {
                     addr: p.addr.octets(),
                     flags: if p.sleeve { PEER_SLEEVE } else { 0 }
-                        | if p.no_fastdp { PEER_NO_FASTDP } else { 0 },
+                        | if p.no_fastdp { PEER_NO_FASTDP } else { 0 }
+                        | if p.encrypted { PEER_ENCRYPTED } else { 0 },
                 };
                 (p.short_id, entry)
             })
@@ -293,6 +299,7 @@ mod tests {
             addr: Ipv4Addr::new(192, 168, 48, last),
             sleeve: false,
             no_fastdp: false,
+            encrypted: false,
         }
     }
 

@@ -18,6 +18,7 @@ mod api;
 mod cli;
 mod control;
 mod datapath;
+mod esp;
 mod loader;
 mod maps;
 mod metrics;
@@ -33,7 +34,6 @@ mod status;
 mod tap;
 #[allow(dead_code)]
 mod udp;
-#[allow(dead_code)]
 mod xfrm;
 
 use std::process::ExitCode;

@@ -12,8 +12,9 @@
 //! are each set up; traffic takes the fast datapath while its heartbeats are
 //! acknowledged and keep arriving, else the sleeve. Between wefts heartbeats come every
 //! 500 ms, so a blocked fast path falls back within about 3 s and returns as soon as
-//! heartbeats arrive again. With a password, the fast datapath (not encrypted yet)
-//! is not offered: every connection uses the encrypted sleeve.
+//! heartbeats arrive again. With a password, the fast datapath is offered only where
+//! the kernel has ESP: its traffic is IPsec-encrypted ([`esp`], [`IpsecSession`]);
+//! elsewhere every connection uses the encrypted sleeve, and status says why.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -27,6 +28,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 use weft::{
     fastdp::{self, ControlOutcome, FastdpAction, FastdpForwarder},
+    ipsec::{self, IpsecSession, SUBTAG_CRYPTO_INIT_SA_REMOTE},
     mesh::{
         PeerName, SessionKey, ShortId,
         connection::{ConnectionConfig, LocalIdentity, RemoteIntro},
@@ -38,13 +40,14 @@ use weft::{
     },
     sleeve::{SleeveAction, SleeveForwarder, forwarder::SpecialOutcome},
 };
-use weft_common::wire::vni;
+use weft_common::{maps::IPSEC_MARK, wire::vni};
 
 use crate::{
     agent::{self, LocalPeer, Prepared},
     cli::RunArgs,
     control,
     datapath::{Datapath, LocalSettings, RemotePeer},
+    esp::Esp,
     maps::BpfMaps,
     netdev::Netdev,
     peering::{self, ConnEvent, ConnHandle},
@@ -249,7 +252,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let sockets = (|| {
         let listener = peering::listen(args.port)
             .with_context(|| format!("listening on TCP port {}", args.port))?;
-        let fastdp_socket = fastdp_socket(address).context("opening the fast-datapath socket")?;
+        let fastdp_socket =
+            heartbeat_socket(address, None).context("opening the fast-datapath socket")?;
         let dataplane = Dataplane::start(tap, args.port, name, dp_tx)
             .context("starting the sleeve's data path (UDP 6783)")?;
         anyhow::Ok((listener, fastdp_socket, dataplane))
@@ -270,7 +274,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.conn_limit = args.conn_limit;
     let mut mesh = Mesh::new(config, now, Box::new(OsRandom));
     mesh.set_local_addresses([IpAddr::V4(address)]);
-    let fastdp_enabled = !args.no_fastdp && password.is_none();
+    // With a password the fast datapath needs ESP; without one, weft's XFRM state of
+    // an earlier run (with a password) goes.
+    let (esp, fastdp_unavailable) = match (&password, args.no_fastdp) {
+        (_, true) => (None, None),
+        (Some(_), false) => match Esp::start(address, LINGER, now) {
+            Ok(esp) => (Some(esp), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        (None, false) => {
+            Esp::remove_all();
+            (None, None)
+        }
+    };
+    let marked_socket = match esp {
+        Some(_) => Some(
+            heartbeat_socket(address, Some(IPSEC_MARK))
+                .context("opening the encrypted fast datapath's heartbeat socket")?,
+        ),
+        None => None,
+    };
+    let fastdp_enabled = !args.no_fastdp && (password.is_none() || esp.is_some());
     let overlays = if fastdp_enabled {
         format!("{FASTDP} {SLEEVE}")
     } else {
@@ -285,11 +309,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         overlays = %overlays,
         "weft: joining the mesh"
     );
-    if password.is_some() {
-        tracing::info!(
+    match (&password, &fastdp_unavailable) {
+        (Some(_), Some(reason)) => tracing::warn!(
             "a password is set: connections and the sleeve are encrypted; the fast \
-             datapath is not offered (it cannot be encrypted yet), so traffic uses the sleeve"
-        );
+             datapath is not offered ({reason}), so traffic uses the encrypted sleeve"
+        ),
+        (Some(_), None) if esp.is_some() => tracing::info!(
+            "a password is set: connections, the sleeve and the fast datapath (IPsec ESP) \
+             are encrypted"
+        ),
+        _ => {}
     }
     let shared = Arc::new(Mutex::new(Status::default_for(name, &nickname)));
     let mut node = Node {
@@ -312,6 +341,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         settings,
         dataplane,
         fastdp_socket,
+        marked_socket,
+        esp,
+        fastdp_unavailable,
+        rekey_interval: Duration::from_secs(args.ipsec_rekey_interval),
         lingering: lingering
             .into_iter()
             .map(|p| (p.short_id, (p, now + LINGER)))
@@ -368,23 +401,35 @@ async fn resolve_target(spec: &str, port: u16) -> anyhow::Result<DirectPeer> {
 }
 
 /// A UDP socket for fast-datapath heartbeats: from our underlay address, DF set
-/// (they prove the path MTU).
-fn fastdp_socket(address: Ipv4Addr) -> std::io::Result<std::net::UdpSocket> {
+/// (they prove the path MTU); with `mark`, for encrypted peers (the mark makes their
+/// XFRM policy put the heartbeats into ESP, as the datapath's frames).
+fn heartbeat_socket(address: Ipv4Addr, mark: Option<u32>) -> std::io::Result<std::net::UdpSocket> {
     use std::os::fd::AsRawFd;
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    let value: libc::c_int = libc::IP_PMTUDISC_DO;
-    // SAFETY: a valid socket descriptor and an option value of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
+    let set = |level: libc::c_int, option: libc::c_int, value: libc::c_int| {
+        // SAFETY: a valid socket descriptor and an option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                option,
+                (&raw const value).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+    set(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DO,
+    )?;
+    if let Some(mark) = mark {
+        set(libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
     }
     socket.bind(&SocketAddr::from((address, 0)).into())?;
     socket.set_nonblocking(true)?;
@@ -448,6 +493,11 @@ struct Ready {
     compat: bool,
     sleeve: Option<(u8, SleeveForwarder)>,
     fastdp: Option<(u8, FastdpForwarder)>,
+    /// The fast datapath's IPsec (with a password).
+    ipsec: Option<IpsecSession>,
+    /// Why the fast datapath is not established, when something is known (for
+    /// status).
+    fastdp_note: Option<String>,
     /// Reported established to the mesh.
     established: bool,
     /// The fast datapath carries the traffic now.
@@ -493,6 +543,14 @@ struct Node {
     settings: LocalSettings,
     dataplane: Dataplane,
     fastdp_socket: std::net::UdpSocket,
+    /// The heartbeat socket for encrypted peers (its packets carry the IPsec mark).
+    marked_socket: Option<std::net::UdpSocket>,
+    /// The fast datapath's XFRM state, with a password on a kernel with ESP.
+    esp: Option<Esp>,
+    /// Why the fast datapath is not offered at all (a password, but no ESP).
+    fastdp_unavailable: Option<String>,
+    /// How often IPsec keys are renewed (between wefts; Weave never rekeys).
+    rekey_interval: Duration,
     /// Datapath entries kept for a while without a connection: ShortID -> (entry,
     /// until).
     lingering: BTreeMap<ShortId, (RemotePeer, Instant)>,
@@ -622,7 +680,7 @@ impl Node {
             ConnEvent::Ready(intro) => self.on_ready(conn, *intro, now),
             ConnEvent::Message(msg) => self.on_message(conn, msg, now),
             ConnEvent::Closed { reason, ready } => {
-                let Some(c) = self.conns.remove(&conn) else {
+                let Some(mut c) = self.conns.remove(&conn) else {
                     return;
                 };
                 let who = c.ready.as_ref().map_or_else(
@@ -631,7 +689,7 @@ impl Node {
                 );
                 let arrow = if c.outbound { "->" } else { "<-" };
                 tracing::info!("{arrow}[{who}]: connection shutting down due to error: {reason}");
-                self.linger(&c, now);
+                self.linger(&mut c, now);
                 let actions = if ready {
                     self.mesh.connection_closed(now, conn, &reason)
                 } else if c.outbound {
@@ -646,14 +704,20 @@ impl Node {
 
     /// Keeps a closed connection's datapath entry for [`LINGER`], so traffic on the
     /// fast datapath goes on while the peer (or this agent) restarts and reconnects.
-    fn linger(&mut self, c: &Conn, now: Instant) {
-        let Some(r) = &c.ready else { return };
+    fn linger(&mut self, c: &mut Conn, now: Instant) {
+        let Some(r) = c.ready.as_mut() else { return };
+        if let (Some(session), Some(esp), IpAddr::V4(addr)) =
+            (r.ipsec.take(), self.esp.as_mut(), c.remote.ip())
+        {
+            esp.retire(addr, session, now + LINGER);
+        }
         if let (Some(short_id), IpAddr::V4(addr)) = (r.short_id, c.remote.ip()) {
             let entry = RemotePeer {
                 short_id,
                 addr,
                 sleeve: !r.on_fastdp,
                 no_fastdp: r.fastdp.is_none(),
+                encrypted: r.key.is_some(),
             };
             self.lingering.insert(short_id, (entry, now + LINGER));
         }
@@ -732,6 +796,18 @@ impl Node {
                         ),
                     )
                 });
+            // With a password the fast datapath is IPsec-encrypted; keys are renewed
+            // only between wefts (a weaver handles one exchange per connection).
+            let ipsec = match (&fastdp, &key, &self.esp) {
+                (Some(_), Some(session_key), Some(_)) => Some(IpsecSession::new(
+                    self.identity.name,
+                    features.name,
+                    session_key.clone(),
+                    features.fast_heartbeat.then_some(self.rekey_interval),
+                    now,
+                )),
+                _ => None,
+            };
             let arrow = if outbound { "->" } else { "<-" };
             tracing::info!(
                 "{arrow}[{remote}|{}({})]: connection ready; overlays: {}",
@@ -749,6 +825,8 @@ impl Node {
                     compat: features.overlays.is_none(),
                     sleeve,
                     fastdp,
+                    ipsec,
+                    fastdp_note: None,
                     established: false,
                     on_fastdp: false,
                     healthy_since: None,
@@ -809,6 +887,24 @@ impl Node {
         let label = r.label();
         let fastdp_index = r.fastdp.as_ref().map(|(i, _)| *i);
         match (index, r.fastdp.as_mut()) {
+            (Some(i), Some(_))
+                if fastdp_index == Some(i) && subtag == SUBTAG_CRYPTO_INIT_SA_REMOTE =>
+            {
+                let outcome = r.ipsec.as_mut().map(|s| s.on_sa_init(body, now));
+                match outcome {
+                    Some(Ok(actions)) => self.ipsec_actions(conn, actions, now),
+                    Some(Err(e)) => {
+                        tracing::warn!("[{label}]: fastdp: IPsec: {e}");
+                        if let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) {
+                            r.fastdp_note = Some(format!("IPsec: {e}"));
+                        }
+                    }
+                    None => tracing::warn!(
+                        "[{label}]: the peer asked for IPsec on the fast datapath without a \
+                         password here: its fast datapath stays down, traffic uses the sleeve"
+                    ),
+                }
+            }
             (Some(i), Some((_, fwd))) if fastdp_index == Some(i) => {
                 match fwd.on_control(subtag, now) {
                     Ok(ControlOutcome::Acknowledged) => {
@@ -892,6 +988,9 @@ impl Node {
         for conn in keys {
             self.poll_overlays(conn, now);
         }
+        if let Some(esp) = self.esp.as_mut() {
+            esp.poll(now);
+        }
         let before = self.lingering.len();
         self.lingering.retain(|_, (_, until)| *until > now);
         if self.lingering.len() != before {
@@ -926,10 +1025,14 @@ impl Node {
             .as_mut()
             .map(|(_, f)| f.poll(now))
             .unwrap_or_default();
+        let ipsec_actions = r.ipsec.as_mut().map(|s| s.poll(now)).unwrap_or_default();
         for action in sleeve_actions {
             self.sleeve_action(conn, action, now);
         }
         self.fastdp_actions(conn, fastdp_actions);
+        if !ipsec_actions.is_empty() {
+            self.ipsec_actions(conn, ipsec_actions, now);
+        }
         let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) else {
             return;
         };
@@ -1055,6 +1158,13 @@ impl Node {
                     let (Some(peer_id), IpAddr::V4(ip)) = (r.short_id, c.remote.ip()) else {
                         continue;
                     };
+                    // An encrypted peer's heartbeats go inside ESP, once its outbound
+                    // SA is there (before, XFRM would only drop them).
+                    let socket = match (&r.ipsec, &self.marked_socket) {
+                        (None, _) => &self.fastdp_socket,
+                        (Some(s), Some(marked)) if s.outbound_spi().is_some() => marked,
+                        (Some(_), _) => continue,
+                    };
                     let local_id = self.settings.short_id;
                     let mut datagram = vxlan_header(vni(peer_id, local_id)).to_vec();
                     datagram.extend_from_slice(&fastdp::heartbeat(
@@ -1069,15 +1179,51 @@ impl Node {
                     } else {
                         self.port
                     } + 1;
-                    if let Err(e) = self
-                        .fastdp_socket
-                        .send_to(&datagram, SocketAddrV4::new(ip, port))
-                    {
+                    if let Err(e) = socket.send_to(&datagram, SocketAddrV4::new(ip, port)) {
                         tracing::debug!("[{}]: fastdp heartbeat: {e}", r.label());
                     }
                 }
             }
         }
+    }
+
+    /// Carries out what a connection's IPsec session asks: XFRM changes through
+    /// [`Esp`], its SPI messages over the control connection.
+    fn ipsec_actions(&mut self, conn: ConnKey, actions: Vec<ipsec::IpsecAction>, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let (Some(r), Some(esp), IpAddr::V4(remote)) =
+            (c.ready.as_mut(), self.esp.as_mut(), c.remote.ip())
+        else {
+            return;
+        };
+        let (Some(session), Some((index, _))) = (r.ipsec.as_mut(), r.fastdp.as_ref()) else {
+            return;
+        };
+        let outcome = esp.execute(remote, session, actions, now);
+        for body in outcome.send {
+            c.handle.send(Message::OverlayControl {
+                index: *index,
+                subtag: SUBTAG_CRYPTO_INIT_SA_REMOTE,
+                body: body.to_vec(),
+            });
+        }
+        match outcome.error {
+            Some(e) => {
+                tracing::warn!("[{}]: fastdp: IPsec: {e}", r.label());
+                r.fastdp_note = Some(format!("IPsec: {e}"));
+            }
+            None => {
+                if r.fastdp_note
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("IPsec: "))
+                {
+                    r.fastdp_note = None;
+                }
+            }
+        }
+        self.dirty = true;
     }
 
     /// Closes a connection (the mesh forgets it).
@@ -1087,8 +1233,8 @@ impl Node {
             tracing::info!("[{}]: closing: {reason}", c.remote);
         }
         let now = Instant::now();
-        if let Some(c) = self.conns.remove(&conn) {
-            self.linger(&c, now);
+        if let Some(mut c) = self.conns.remove(&conn) {
+            self.linger(&mut c, now);
             let actions = self.mesh.connection_closed(now, conn, reason);
             self.apply(actions, now);
         }
@@ -1124,10 +1270,10 @@ impl Node {
                     }
                 }
                 Action::Close { conn, reason } => {
-                    if let Some(c) = self.conns.remove(&conn) {
+                    if let Some(mut c) = self.conns.remove(&conn) {
                         tracing::info!("[{}]: {reason}", c.remote);
                         c.handle.close();
-                        self.linger(&c, now);
+                        self.linger(&mut c, now);
                     }
                     self.dirty = true;
                 }
@@ -1168,6 +1314,7 @@ impl Node {
                     addr,
                     sleeve: !r.on_fastdp,
                     no_fastdp: r.fastdp.is_none(),
+                    encrypted: r.key.is_some(),
                 });
             }
             if let Some((_, fwd)) = &r.sleeve {
@@ -1215,6 +1362,15 @@ impl Node {
             };
             let mut conn = Connection::from_mesh(&cs, r.short_id, mtu);
             conn.encrypted = r.key.is_some();
+            // Why the fast datapath does not carry this connection, when known.
+            let fastdp_note = match &self.fastdp_unavailable {
+                Some(reason) if r.key.is_some() => Some(reason.clone()),
+                _ if r.on_fastdp => None,
+                _ => r.fastdp_note.clone(),
+            };
+            if let Some(note) = fastdp_note {
+                conn.info.get_or_insert(format!("fastdp: {note}"));
+            }
             conn.overlay = match r.overlay() {
                 Some(FASTDP) => Some(Overlay::Fastdp),
                 Some(_) => Some(Overlay::Sleeve),

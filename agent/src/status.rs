@@ -410,6 +410,9 @@ pub struct ConnectionLine {
     pub info: String,
     /// The overlay attributes (`None` without an overlay, and for targets).
     pub attrs: Option<Attrs>,
+    /// weft's note on a connection (say, why the fast datapath does not carry it);
+    /// printed by weft's own layout only.
+    pub note: Option<String>,
 }
 
 /// `->` for outbound, `<-` for inbound.
@@ -453,6 +456,7 @@ impl Status {
                         mtu: c.mtu,
                         encrypted: self.encryption && c.encrypted,
                     }),
+                    note: c.info.clone(),
                 }
             })
             .collect();
@@ -486,6 +490,7 @@ impl Status {
                 state,
                 info,
                 attrs: None,
+                note: None,
             });
         }
         lines
@@ -781,6 +786,9 @@ pub fn render_connections(status: &Status, style: Style) -> String {
                     line.push_str(&a);
                 }
                 line.truncate(line.trim_end().len());
+                if let Some(note) = &l.note {
+                    line.push_str(&format!(" ({note})"));
+                }
             }
         }
         out.push_str(&line);

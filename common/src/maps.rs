@@ -33,7 +33,7 @@ pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
 /// pins the maps under a directory named after it, so an agent of another layout
 /// never opens maps it would misread: it creates its own and swaps the programs
 /// over atomically. Bump it whenever a record or a map definition changes.
-pub const MAP_LAYOUT_VERSION: u32 = 7;
+pub const MAP_LAYOUT_VERSION: u32 = 8;
 
 /// Programs' names in the eBPF object. Both run on weft's metadata-mode VXLAN
 /// device, a port of the bridge.
@@ -214,11 +214,14 @@ pub enum Counter {
     /// Dropped: VXLAN from a peer the fast datapath is not used with
     /// ([`PEER_NO_FASTDP`]).
     DropNoFastdp,
+    /// Dropped: VXLAN from a [`PEER_ENCRYPTED`] peer that no inbound SA of the agent
+    /// decrypted (plaintext where ESP is required).
+    DropNotEncrypted,
 }
 
 impl Counter {
     /// Number of counters (size of the counters map).
-    pub const COUNT: u32 = Counter::DropNoFastdp as u32 + 1;
+    pub const COUNT: u32 = Counter::DropNotEncrypted as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -240,6 +243,7 @@ impl Counter {
         Counter::DropNoSleeve,
         Counter::RxHeartbeat,
         Counter::DropNoFastdp,
+        Counter::DropNotEncrypted,
     ];
 
     /// A stable snake_case name (status output, metrics).
@@ -263,6 +267,7 @@ impl Counter {
             Counter::DropNoSleeve => "drop_no_sleeve",
             Counter::RxHeartbeat => "rx_heartbeat",
             Counter::DropNoFastdp => "drop_no_fastdp",
+            Counter::DropNotEncrypted => "drop_not_encrypted",
         }
     }
 }

@@ -40,13 +40,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    maps::{Counter, DatapathConfig, MAX_PEERS, PEER_NO_FASTDP, PEER_SLEEVE},
+    maps::{Counter, DatapathConfig, MAX_PEERS, PEER_ENCRYPTED, PEER_NO_FASTDP, PEER_SLEEVE},
     wire::{ETH_LEN, MAX_INNER_FRAME, vni_dst, vni_src},
 };
 
 use crate::{
     maps::{FLOOD, Flood, config, count, count_peer, peer},
-    packet::{learn_mac, lookup_mac, read_at, redirect_out, set_tunnel_key, skb, tunnel_key},
+    packet::{
+        decrypted, learn_mac, lookup_mac, read_at, redirect_out, set_tunnel_key, skb, tunnel_key,
+    },
 };
 
 /// Chooses the peer(s) of a frame the bridge sends towards other hosts.
@@ -228,6 +230,12 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
     }
     if peer.flags & PEER_NO_FASTDP != 0 {
         return Err(Counter::DropNoFastdp);
+    }
+    if peer.flags & PEER_ENCRYPTED != 0 && !decrypted(ctx) {
+        // Plaintext VXLAN from a peer whose traffic must be ESP-protected: forged or
+        // leaked, never delivered (heartbeats included, so a path without working
+        // ESP never becomes established).
+        return Err(Counter::DropNotEncrypted);
     }
     let src_mac: [u8; 6] = match read_at(ctx, 6) {
         Some(mac) => mac,

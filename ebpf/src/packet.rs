@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    maps::{Counter, DatapathConfig, MacEntry, MacKey, PeerEntry},
+    maps::{Counter, DatapathConfig, IPSEC_MARK, MacEntry, MacKey, PEER_ENCRYPTED, PeerEntry},
     wire::{OUTER_TTL, vni},
 };
 
@@ -86,11 +86,31 @@ pub fn set_tunnel_key(
             (BPF_F_ZERO_CSUM_TX | BPF_F_DONT_FRAGMENT) as u64,
         )
     };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(Counter::DropSetTunnelKey)
+    if ret != 0 {
+        return Err(Counter::DropSetTunnelKey);
     }
+    // The IPsec mark: set for an encrypted peer (its XFRM policy, or the agent's
+    // catch-all block policy, matches it: the frame leaves inside ESP or not at all),
+    // cleared for any other (a marked frame would hit the block policy).
+    // SAFETY: `skb` points at the program's context; TC programs may write `mark`.
+    unsafe {
+        let skb = skb(ctx);
+        (*skb).mark = if peer.flags & PEER_ENCRYPTED != 0 {
+            (*skb).mark | IPSEC_MARK
+        } else {
+            (*skb).mark & !IPSEC_MARK
+        };
+    }
+    Ok(())
+}
+
+/// Whether the frame was decrypted by one of the agent's inbound SAs: they mark
+/// what they decrypt with [`IPSEC_MARK`], and the mark survives the VXLAN driver's
+/// decapsulation.
+#[inline(always)]
+pub fn decrypted(ctx: &TcContext) -> bool {
+    // SAFETY: `skb` points at the program's context for the whole run.
+    unsafe { (*skb(ctx)).mark & IPSEC_MARK != 0 }
 }
 
 /// Finds the peer behind a unicast MAC, unless it is unknown, aged out or its peer gone.

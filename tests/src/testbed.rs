@@ -566,6 +566,40 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Whether the kernel can do what weft's encrypted fast datapath needs: transport-mode
+/// ESP with `rfc4106(gcm(aes))`. Checked by installing such an SA in a throwaway
+/// network namespace (`unshare -n ip xfrm state add ...`), so nothing of the host's
+/// changes. Needs root.
+pub fn kernel_has_esp() -> bool {
+    let key = format!("0x{}", "11".repeat(36));
+    std::process::Command::new("unshare")
+        .args([
+            "-n",
+            "ip",
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            "192.0.2.1",
+            "dst",
+            "192.0.2.2",
+            "proto",
+            "esp",
+            "spi",
+            "0x100",
+            "mode",
+            "transport",
+            "aead",
+            "rfc4106(gcm(aes))",
+            &key,
+            "128",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// The pid encoded in a testbed name `<tag><pid>-<counter>...`, if `name` is one.
 pub fn creator_pid(tag: &str, name: &str) -> Option<u32> {
     let rest = name.strip_prefix(tag)?;
