@@ -320,6 +320,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         _ => {}
     }
+    let password_set = password.is_some();
     let shared = Arc::new(Mutex::new(Status::default_for(name, &nickname)));
     let mut node = Node {
         mesh,
@@ -345,8 +346,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         esp,
         fastdp_unavailable,
         rekey_interval: Duration::from_secs(args.ipsec_rekey_interval),
+        // An earlier run's peers keep forwarding while they reconnect, unless the
+        // encryption setting changed: a plaintext entry would carry pod traffic in
+        // clear with a password set, an encrypted one without its IPsec state
+        // (removed above) would too.
         lingering: lingering
             .into_iter()
+            .filter(|p| p.encrypted == password_set)
             .map(|p| (p.short_id, (p, now + LINGER)))
             .collect(),
         status: shared.clone(),

@@ -37,7 +37,9 @@ pub use demo::demo;
 pub use pcap::{Capture, Packet};
 pub use peers::{peers_toml, write_peers_file};
 pub use signal::{install_interrupt_handler, interrupted};
-pub use testbed::{Host, Pod, Testbed, cleanup_stale, is_root, kernel_has_esp, serial};
+pub use testbed::{
+    Host, Pod, Testbed, cleanup_stale, is_root, kernel_has_esp, kernel_has_openvswitch, serial,
+};
 pub use traffic::{
     PingReport, Transfer, capture_vxlan, links_with_prefix, ns_exec, ping, ping_stream,
     ping_unanswered, pod_exec, pod_mac, tcp_transfer, wait_ping,

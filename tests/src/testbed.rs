@@ -600,6 +600,17 @@ pub fn kernel_has_esp() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether the kernel has openvswitch, which a weaver's own fast datapath needs
+/// (loads the module where it is one).
+pub fn kernel_has_openvswitch() -> bool {
+    let _ = std::process::Command::new("modprobe")
+        .arg("openvswitch")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    Path::new("/sys/module/openvswitch").exists()
+}
+
 /// The pid encoded in a testbed name `<tag><pid>-<counter>...`, if `name` is one.
 pub fn creator_pid(tag: &str, name: &str) -> Option<u32> {
     let rest = name.strip_prefix(tag)?;

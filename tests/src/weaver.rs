@@ -97,8 +97,8 @@ pub struct WeaverOptions {
     pub nickname: Option<String>,
     /// `--password` (passed as `WEAVE_PASSWORD`): encrypts the mesh.
     pub password: Option<String>,
-    /// Lets it try its fast datapath (no `--no-fastdp`). Without openvswitch in the
-    /// kernel it falls back to sleeve anyway.
+    /// Lets it use its fast datapath (`--datapath datapath` instead of
+    /// `--no-fastdp`); it needs openvswitch in the kernel.
     pub fastdp: bool,
     /// Peers to connect to (their underlay addresses; port 6783).
     pub peers: Vec<Ipv4Addr>,
@@ -185,7 +185,10 @@ impl WeaverOptions {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if !self.fastdp {
+        if self.fastdp {
+            // weaver's own fast datapath: an openvswitch datapath of this name.
+            a.extend(["--datapath".into(), "datapath".into()]);
+        } else {
             a.push("--no-fastdp".into());
         }
         a.extend(self.extra_args.iter().cloned());

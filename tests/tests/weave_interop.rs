@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
 use weft_testbed::{
-    Testbed, WeaveConnection, WeaverOptions, ping, skip_without_weaver, start_weaver_pair,
-    tcp_transfer, wait_ping, weaver_path,
+    Testbed, WeaveConnection, WeaverOptions, kernel_has_esp, kernel_has_openvswitch, ping,
+    skip_without_weaver, start_weaver_pair, tcp_transfer, wait_ping, weaver_path,
 };
 
 /// How long two weavers may take to show each other `established`.
@@ -217,4 +217,69 @@ fn mixed_mesh_of_weaver_and_wefts() {
     check_pods(&tb, (1, 3), "weaver <-> weft");
     let summary = tb.status(2, &[]).must("status");
     assert!(summary.contains("Peers: 3"), "{summary}");
+}
+
+/// weaver with its own fast datapath (openvswitch) and weft, without and then with a
+/// password: both ends show the connection established over fastdp (encrypted with
+/// IPsec ESP with the password: weaver's SAs one way, weft's the other), MTU 1376,
+/// pods ping and carry TCP both ways. Needs openvswitch (and ESP for the password
+/// half) in the kernel: the VM of `cargo xtask vm-test` has both.
+#[test]
+fn weaver_and_weft_over_fastdp() {
+    if skip_without_weaver("weaver_and_weft_over_fastdp") {
+        return;
+    }
+    if !kernel_has_openvswitch() {
+        eprintln!(
+            "SKIPPED weaver_and_weft_over_fastdp: this kernel has no openvswitch (weaver's \
+             fast datapath); it runs in the VM of `cargo xtask vm-test`"
+        );
+        return;
+    }
+    let weaver = weaver_path().expect("checked by skip_without_weaver");
+    let esp = kernel_has_esp();
+    let mut tb = bed(4, 1);
+    for (weaver_host, weft_host, password) in [(1u8, 2u8, None), (4, 3, Some("secret"))] {
+        if password.is_some() && !esp {
+            eprintln!("SKIPPED the encrypted half of weaver_and_weft_over_fastdp: no ESP");
+            continue;
+        }
+        let what = format!(
+            "fastdp: weaver on {weaver_host}, weft on {weft_host}, password {}",
+            password.is_some()
+        );
+        let mut opts = WeaverOptions::new().fastdp(true);
+        if let Some(pw) = password {
+            opts = opts.password(pw);
+        }
+        tb.start_weaver(weaver_host, &weaver, &opts).must(&what);
+        start_weft(&mut tb, weft_host, &[weaver_host], password);
+        let at_weft = wait_connection(
+            &tb,
+            weft_host,
+            weaver_host,
+            ESTABLISH,
+            established_over("fastdp"),
+        );
+        eprintln!("{what}: weft says {at_weft}");
+        assert_eq!(at_weft["encrypted"], password.is_some(), "{what}");
+        let deadline = std::time::Instant::now() + ESTABLISH;
+        let at_weaver = loop {
+            let c = weaver_established(&mut tb, weaver_host, weft_host);
+            if c.overlay.as_deref() == Some("fastdp") || std::time::Instant::now() > deadline {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        eprintln!("{what}: weaver says {}", at_weaver.line);
+        assert_eq!(at_weaver.overlay.as_deref(), Some("fastdp"), "{what}");
+        assert_eq!(at_weaver.encrypted, password.is_some(), "{what}");
+        assert_eq!(at_weaver.mtu, Some(1376), "{what}: {}", at_weaver.line);
+        check_pods(&tb, (weaver_host, weft_host), &what);
+        let s = tb.status_json(weft_host).must("status");
+        assert!(
+            s["connections"][0]["rx_packets"].as_u64().unwrap_or(0) > 0,
+            "{what}: weft's fast datapath carried it: {s:#}"
+        );
+    }
 }
