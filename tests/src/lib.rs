@@ -32,7 +32,7 @@ pub mod traffic;
 pub mod weaver;
 
 pub use agent::AgentExit;
-pub use bpf::{TcxProg, prog_exists, tcx_programs};
+pub use bpf::{TcxProg, attached_programs, prog_exists, tcx_programs, tcx_supported};
 pub use demo::demo;
 pub use pcap::{Capture, Packet};
 pub use peers::{peers_toml, write_peers_file};

@@ -170,6 +170,19 @@ pub fn private_underlay() -> Result<u32> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    // Without TCX (kernels before 6.6) TC programs attach as netlink filters, under a
+    // `clsact` qdisc that must exist first (the agent adds one to its device likewise).
+    if !crate::tcx_supported() {
+        let out = Command::new("tc")
+            .args(["qdisc", "add", "dev", "vx0", "clsact"])
+            .output()
+            .context("cannot run `tc`")?;
+        ensure!(
+            out.status.success(),
+            "`tc qdisc add dev vx0 clsact` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     ifindex(c"vx0")
 }
 

@@ -10,6 +10,7 @@ mod fuzz;
 mod lint;
 mod setup;
 mod test;
+mod vm;
 mod workspace;
 
 use std::{process::ExitCode, time::Instant};
@@ -38,7 +39,8 @@ enum Task {
     Setup,
     /// Build the eBPF object, then the agent that embeds it.
     Build(build::Args),
-    /// Build, then run unit tests, root integration tests and lints.
+    /// Build, then run unit tests, root integration tests (also in a kernel-6.1 VM) and
+    /// lints.
     Test,
     /// Build, then run the multi-host demo in network namespaces (needs root).
     Demo,
@@ -48,6 +50,9 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Build, then benchmark weft against kernel VXLAN and the raw underlay (needs root).
     Bench(bench::Args),
+    /// Build, then run kernel-dependent integration tests in a QEMU guest with Debian
+    /// 12's 6.1 kernel (no TCX: the netlink attach path).
+    VmTest(vm::Args),
 }
 
 impl Task {
@@ -61,6 +66,7 @@ impl Task {
             Self::Lint => "lint",
             Self::Fuzz(_) => "fuzz",
             Self::Bench(_) => "bench",
+            Self::VmTest(_) => "vm-test",
         }
     }
 }
@@ -76,6 +82,7 @@ fn main() -> ExitCode {
         Task::Lint => lint::run(&ws),
         Task::Fuzz(args) => fuzz::run(&ws, args),
         Task::Bench(args) => bench::run(&ws, args),
+        Task::VmTest(args) => vm::run(&ws, args),
     });
     let elapsed = started.elapsed().as_secs_f64();
     match result {

@@ -24,8 +24,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Binaries the tests, the demo and the bench use, with the Debian package providing
-/// each.
-const DEBIAN_TOOLS: &[(&str, &str)] = &[
+/// each. `cargo xtask vm-test` also copies them (all but `strip`) into its guest.
+pub const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),
     ("bpftool", "bpftool"),
@@ -39,6 +39,17 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
     ("nft", "nftables"),
+];
+
+/// What `cargo xtask vm-test` needs on top of [`DEBIAN_TOOLS`], installed only when it
+/// runs (see [`vm_tools`]): QEMU, a static busybox for the guest, `cpio` for the
+/// initramfs and `depmod` for its modules.
+pub const VM_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("cpio", "cpio"),
+    ("depmod", "kmod"),
+    ("objcopy", "binutils"),
 ];
 
 /// How much setup reports.
@@ -60,8 +71,24 @@ pub fn run(ws: &Workspace, mode: Mode) -> Result<()> {
     toolchain(ws, &say)?;
     bpf_linker(ws, &say)?;
     cargo_fuzz(ws, &say)?;
-    debian_tools(&say)?;
+    debian_tools(DEBIAN_TOOLS, "test tools", &say)?;
     bpffs(&say)?;
+    Ok(())
+}
+
+/// Installs the Debian packages of [`VM_TOOLS`] that are missing. Unlike [`run`], a
+/// tool that cannot be installed (not root, no apt-get, apt-get failed) is an error:
+/// the VM stage cannot run without it.
+pub fn vm_tools() -> Result<()> {
+    debian_tools(VM_TOOLS, "VM tools", &|_| ())?;
+    let missing = missing_binaries(VM_TOOLS);
+    if !missing.is_empty() {
+        bail!(
+            "the VM tests need {} (Debian: apt-get install {}); not installed",
+            missing.join(", "),
+            packages_of(VM_TOOLS).join(" ")
+        );
+    }
     Ok(())
 }
 
@@ -267,22 +294,40 @@ fn toolchain_libllvm(ws: &Workspace) -> Result<PathBuf> {
     })
 }
 
-/// The Debian tools of [`DEBIAN_TOOLS`], installed with apt-get when missing (root only).
-fn debian_tools(say: &dyn Fn(String)) -> Result<()> {
-    let mut packages: Vec<&str> = DEBIAN_TOOLS
+/// The binaries of `tools` that are not installed.
+fn missing_binaries<'a>(tools: &[(&'a str, &str)]) -> Vec<&'a str> {
+    tools
         .iter()
         .filter(|(binary, _)| find_binary(binary).is_none())
-        .map(|&(_, package)| package)
-        .collect();
+        .map(|&(binary, _)| binary)
+        .collect()
+}
+
+/// The packages of `tools`, sorted, once each.
+fn packages_of<'a>(tools: &[(&str, &'a str)]) -> Vec<&'a str> {
+    let mut packages: Vec<&str> = tools.iter().map(|&(_, package)| package).collect();
     packages.sort_unstable();
     packages.dedup();
+    packages
+}
+
+/// The Debian packages of `tools` (binary, package) whose binary is missing, installed
+/// with apt-get (root only; otherwise a note names them). `what` names the set in
+/// messages.
+fn debian_tools(tools: &[(&str, &str)], what: &str, say: &dyn Fn(String)) -> Result<()> {
+    let missing: Vec<(&str, &str)> = tools
+        .iter()
+        .copied()
+        .filter(|(binary, _)| find_binary(binary).is_none())
+        .collect();
+    let packages = packages_of(&missing);
     if packages.is_empty() {
-        say("test tools ok".to_owned());
+        say(format!("{what} ok"));
         return Ok(());
     }
     let list = packages.join(" ");
     if !is_root() {
-        eprintln!("setup: not root, not installing missing test tools: {list}");
+        eprintln!("setup: not root, not installing missing {what}: {list}");
         return Ok(());
     }
     if find_binary("apt-get").is_none() {
@@ -301,11 +346,7 @@ fn debian_tools(say: &dyn Fn(String)) -> Result<()> {
             .args(["-q", "install", "-y", "--no-install-recommends"])
             .args(&packages),
     )?;
-    let still_missing: Vec<&str> = DEBIAN_TOOLS
-        .iter()
-        .filter(|(binary, _)| find_binary(binary).is_none())
-        .map(|&(binary, _)| binary)
-        .collect();
+    let still_missing = missing_binaries(tools);
     if !still_missing.is_empty() {
         bail!(
             "still missing after apt-get install: {}",

@@ -1,6 +1,8 @@
 //! `cargo xtask test`: setup and build, then the unit tests, the root integration tests
 //! (weft-testbed, one at a time since they share the host's network namespaces,
-//! interfaces and bpffs), a short run of every fuzz target, and the lints. Every stage runs even when an earlier one
+//! interfaces and bpffs), the kernel-dependent ones again in a QEMU guest with Debian
+//! 12's 6.1 kernel (`cargo xtask vm-test`'s default list), a short run of every fuzz
+//! target, and the lints. Every stage runs even when an earlier one
 //! failed, so one CI run reports all failures; the exit status is nonzero if any did.
 
 use anyhow::{Result, bail};
@@ -45,6 +47,10 @@ pub fn run(ws: &Workspace) -> Result<()> {
         ))
     };
     stages.push(("integration tests", integration));
+    stages.push((
+        "VM tests (kernel 6.1)",
+        crate::vm::run_built(ws, &agent, &variant, &crate::vm::Args::default()),
+    ));
     stages.push(("bench smoke run", crate::bench::smoke(ws, &agent)));
     stages.push(("fuzz smoke run", crate::fuzz::smoke(ws)));
 
