@@ -699,7 +699,11 @@ pub async fn reset(args: ResetArgs) -> anyhow::Result<()> {
     remove_stale_socket(&args.socket);
     // The IPsec state goes last: until the device is gone, its marked frames to
     // encrypted peers must meet the block policy rather than leave in clear.
-    crate::esp::Esp::remove_all();
+    match crate::esp::Esp::remove_all() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("weft reset: removed {n} XFRM entries (IPsec)"),
+        Err(e) => bail!("removing weft's XFRM state (IPsec SAs and policies): {e}"),
+    }
     tracing::info!("weft reset: datapath removed");
     Ok(())
 }

@@ -15,6 +15,7 @@
 //! agent removes all of it at start.
 
 use std::{
+    collections::HashMap,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -23,6 +24,11 @@ use weft::ipsec::{IpsecAction, IpsecSession, NONCE_LEN, SA_INIT_LEN};
 
 use crate::xfrm::{EspUnavailable, OwnState, SaDirection, SaParams, Xfrm, errno};
 
+/// How often the block policy and the live outbound policies are installed again
+/// (someone may have flushed them; a marked frame with no policy would leave in
+/// clear).
+const REASSERT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What carrying out a session's actions produced.
 #[derive(Default)]
 pub struct Outcome {
@@ -30,6 +36,9 @@ pub struct Outcome {
     pub send: Vec<[u8; SA_INIT_LEN]>,
     /// The first error, for the log and the connection's status.
     pub error: Option<String>,
+    /// The outbound SA or policy could not be installed: the exchange must start
+    /// over (the connection is closed, as Weave does).
+    pub fatal: bool,
 }
 
 /// A closed connection's XFRM state, removed at `until`.
@@ -46,22 +55,47 @@ pub struct Esp {
     retiring: Vec<Retiring>,
     /// An earlier run's state and when it goes.
     stale: Option<(OwnState, Instant)>,
+    /// The SPI each peer's outbound policy points at (as installed by this run).
+    outbound: HashMap<Ipv4Addr, u32>,
+    /// When the policies are installed again.
+    next_reassert: Instant,
 }
 
 impl Esp {
-    /// Opens XFRM netlink, installs the block policy and checks that the kernel can do
-    /// ESP with `rfc4106(gcm(aes))`. An earlier run's state is kept for `linger`.
-    pub fn start(local: Ipv4Addr, linger: Duration, now: Instant) -> Result<Self, EspUnavailable> {
+    /// Checks that the kernel can do ESP with `rfc4106(gcm(aes))` and applies XFRM
+    /// policies to the underlay (`iface`), then installs the block policy. An earlier
+    /// run's state is kept for `linger`.
+    pub fn start(
+        local: Ipv4Addr,
+        iface: &str,
+        linger: Duration,
+        now: Instant,
+    ) -> Result<Self, EspUnavailable> {
         let unavailable = |what: &str, e: std::io::Error| EspUnavailable {
             reason: format!("{what}: {e}"),
             errno: errno(&e),
         };
         let xfrm = Xfrm::open().map_err(|e| unavailable("opening XFRM netlink", e))?;
-        // The leak guard before anything else: an earlier run's marked traffic keeps
-        // flowing through its SAs, or is dropped, never sent in clear.
+        xfrm.esp_support()?;
+        // With disable_xfrm the kernel skips policy lookups on the device's routes:
+        // marked frames would leave in clear.
+        for dev in ["all", iface] {
+            let path = format!("/proc/sys/net/ipv4/conf/{dev}/disable_xfrm");
+            if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() != "0") {
+                return Err(EspUnavailable {
+                    reason: format!(
+                        "net.ipv4.conf.{dev}.disable_xfrm is set: the kernel would skip IPsec \
+                         policies"
+                    ),
+                    errno: None,
+                });
+            }
+        }
+        // The leak guard: a marked frame no per-peer policy covers is dropped, never
+        // sent in clear (an earlier run's marked traffic keeps flowing through its
+        // own policies and SAs meanwhile).
         xfrm.ensure_block_policy()
             .map_err(|e| unavailable("installing the XFRM block policy", e))?;
-        xfrm.esp_support()?;
         let stale = match xfrm.own_state() {
             Ok(state) => Some((state, now + linger)),
             Err(e) => {
@@ -74,15 +108,18 @@ impl Esp {
             local,
             retiring: Vec::new(),
             stale,
+            outbound: HashMap::new(),
+            next_reassert: now + REASSERT_INTERVAL,
         })
     }
 
-    /// Removes every XFRM state and policy of weft (encryption is off).
-    pub fn remove_all() {
-        match Xfrm::open().and_then(|x| x.remove_own(false)) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("encryption is off: removed {n} XFRM entries of weft"),
-            Err(e) => tracing::debug!("removing weft's XFRM state: {e}"),
+    /// Removes every XFRM state and policy of weft (encryption is off, or `weft
+    /// reset`). Returns how many; a kernel without XFRM netlink has none.
+    pub fn remove_all() -> std::io::Result<usize> {
+        match Xfrm::open() {
+            Ok(xfrm) => xfrm.remove_own(false),
+            Err(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => Ok(0),
+            Err(e) => Err(e),
         }
     }
 
@@ -108,7 +145,8 @@ impl Esp {
                                 Ok(())
                             }
                             Err(e) => {
-                                queue.extend(session.on_install_failed(spi, now));
+                                let _ = self.xfrm.delete_sa(remote, self.local, spi);
+                                queue.extend(session.on_alloc_failed(now));
                                 Err(format!("no random nonce: {e}"))
                             }
                         }
@@ -145,13 +183,21 @@ impl Esp {
                         key: &key,
                         direction: SaDirection::Outbound,
                     };
-                    self.xfrm
+                    match self
+                        .xfrm
                         .install_sa(&sa)
                         .and_then(|()| self.xfrm.set_policy(self.local, remote, spi))
-                        .map_err(|e| {
+                    {
+                        Ok(()) => {
+                            self.outbound.insert(remote, spi);
+                            Ok(())
+                        }
+                        Err(e) => {
                             queue.extend(session.on_outbound_failed(spi));
-                            format!("installing the outbound SA and policy: {e}")
-                        })
+                            out.fatal = true;
+                            Err(format!("installing the outbound SA and policy: {e}"))
+                        }
+                    }
                 }
                 IpsecAction::DeleteInbound { spi } => self.delete(remote, self.local, spi),
                 IpsecAction::DeleteOutbound { spi } => self.delete(self.local, remote, spi),
@@ -164,8 +210,11 @@ impl Esp {
     }
 
     /// Deletes an SA; an outbound one's policy first, if it still points at it.
-    fn delete(&self, src: Ipv4Addr, dst: Ipv4Addr, spi: u32) -> Result<(), String> {
+    fn delete(&mut self, src: Ipv4Addr, dst: Ipv4Addr, spi: u32) -> Result<(), String> {
         if src == self.local {
+            if self.outbound.get(&dst) == Some(&spi) {
+                self.outbound.remove(&dst);
+            }
             self.xfrm
                 .delete_policy(src, dst, Some(spi))
                 .map_err(|e| format!("deleting the outbound policy: {e}"))?;
@@ -185,8 +234,13 @@ impl Esp {
         });
     }
 
-    /// Removes what is due: retired connections' state, an earlier run's state.
+    /// Removes what is due: retired connections' state, an earlier run's state; and
+    /// installs the block policy and the live outbound policies again now and then.
     pub fn poll(&mut self, now: Instant) {
+        if now >= self.next_reassert {
+            self.next_reassert = now + REASSERT_INTERVAL;
+            self.reassert();
+        }
         let (due, keep): (Vec<Retiring>, Vec<Retiring>) = std::mem::take(&mut self.retiring)
             .into_iter()
             .partition(|r| r.until <= now);
@@ -209,6 +263,20 @@ impl Esp {
             let removed = self.remove_stale(&stale);
             if removed > 0 {
                 tracing::info!("removed {removed} XFRM entries an earlier run of weft left");
+            }
+        }
+    }
+
+    /// Installs the block policy and each live outbound policy again (a no-op when
+    /// they are there): someone flushing XFRM policies opens a window of at most
+    /// [`REASSERT_INTERVAL`] in which marked frames could leave unencrypted.
+    fn reassert(&mut self) {
+        if let Err(e) = self.xfrm.ensure_block_policy() {
+            tracing::warn!("installing the XFRM block policy again: {e}");
+        }
+        for (remote, spi) in &self.outbound {
+            if let Err(e) = self.xfrm.set_policy(self.local, *remote, *spi) {
+                tracing::warn!(peer = %remote, "installing an outbound policy again: {e}");
             }
         }
     }

@@ -229,7 +229,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(_) => signals.pending_stop().await,
         Err(_) => None,
     };
-    let (tap, datapath, settings, lingering) = match (setup, stop) {
+    let (tap, mut datapath, settings, lingering) = match (setup, stop) {
         (Ok(ready), None) => ready,
         (outcome, stop) => {
             if let Some(sig) = stop {
@@ -274,19 +274,53 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.conn_limit = args.conn_limit;
     let mut mesh = Mesh::new(config, now, Box::new(OsRandom));
     mesh.set_local_addresses([IpAddr::V4(address)]);
-    // With a password the fast datapath needs ESP; without one, weft's XFRM state of
-    // an earlier run (with a password) goes.
+    // With a password the fast datapath needs ESP.
     let (esp, fastdp_unavailable) = match (&password, args.no_fastdp) {
-        (_, true) => (None, None),
-        (Some(_), false) => match Esp::start(address, LINGER, now) {
+        (Some(_), false) => match Esp::start(address, &underlay.name, LINGER, now) {
             Ok(esp) => (Some(esp), None),
             Err(e) => (None, Some(e.to_string())),
         },
-        (None, false) => {
-            Esp::remove_all();
-            (None, None)
-        }
+        _ => (None, None),
     };
+    if esp.is_some() {
+        let needed = u32::from(args.mtu) + u32::from(ESP_OVERHEAD_MAX) + 50;
+        if underlay.mtu < needed {
+            tracing::warn!(
+                "--mtu {} with IPsec needs an underlay MTU of at least {needed} (VXLAN and up \
+                 to {ESP_OVERHEAD_MAX} bytes of ESP), but {} has {}: the fast datapath's \
+                 heartbeats will not fit, so connections use the sleeve (lower --mtu; \
+                 Weave's default 1376 fits a 1500-byte underlay)",
+                args.mtu,
+                underlay.name,
+                underlay.mtu
+            );
+        }
+    }
+    // An earlier run's peers keep forwarding while they reconnect, unless the
+    // encryption changed: a plaintext entry would carry pod traffic in clear with a
+    // password set, an encrypted one cannot work without IPsec. They go from the
+    // datapath before weft's XFRM state (an encrypted entry without its policies
+    // would send in clear).
+    let lingering: Vec<RemotePeer> = lingering
+        .into_iter()
+        .filter(|p| {
+            if p.encrypted {
+                esp.is_some()
+            } else {
+                password.is_none()
+            }
+        })
+        .collect();
+    if let Err(e) = datapath.apply(&settings, &lingering) {
+        tracing::warn!("dropping an earlier run's peers of another encryption setting: {e}");
+    }
+    if esp.is_none() {
+        match Esp::remove_all() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} XFRM entries of an earlier run of weft"),
+            Err(e) => tracing::warn!("removing weft's XFRM state of an earlier run: {e}"),
+        }
+    }
     let marked_socket = match esp {
         Some(_) => Some(
             heartbeat_socket(address, Some(IPSEC_MARK))
@@ -320,7 +354,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         _ => {}
     }
-    let password_set = password.is_some();
     let shared = Arc::new(Mutex::new(Status::default_for(name, &nickname)));
     let mut node = Node {
         mesh,
@@ -346,13 +379,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         esp,
         fastdp_unavailable,
         rekey_interval: Duration::from_secs(args.ipsec_rekey_interval),
-        // An earlier run's peers keep forwarding while they reconnect, unless the
-        // encryption setting changed: a plaintext entry would carry pod traffic in
-        // clear with a password set, an encrypted one without its IPsec state
-        // (removed above) would too.
         lingering: lingering
             .into_iter()
-            .filter(|p| p.encrypted == password_set)
             .map(|p| (p.short_id, (p, now + LINGER)))
             .collect(),
         status: shared.clone(),
@@ -488,6 +516,9 @@ struct Conn {
     ready: Option<Ready>,
 }
 
+/// Most bytes transport-mode ESP with `rfc4106(gcm(aes))` adds to a packet: SPI and
+/// sequence number 8, IV 8, padding up to 3, pad length and next header 2, ICV 16.
+const ESP_OVERHEAD_MAX: u16 = 37;
 /// A connection past its handshake, with its overlays.
 struct Ready {
     name: PeerName,
@@ -838,9 +869,6 @@ impl Node {
                     healthy_since: None,
                 });
             }
-            if let Some(short_id) = features.short_id {
-                self.lingering.remove(&short_id);
-            }
         }
         self.apply(actions, now);
         self.poll_overlays(conn, now);
@@ -1153,6 +1181,8 @@ impl Node {
         let Some((index, fwd)) = r.fastdp.as_ref() else {
             return;
         };
+        // The last heartbeat send's error (`Some(None)`: it went out).
+        let mut send_error: Option<Option<String>> = None;
         for action in actions {
             match action {
                 FastdpAction::SendAck => c.handle.send(Message::OverlayControl {
@@ -1185,10 +1215,35 @@ impl Node {
                     } else {
                         self.port
                     } + 1;
-                    if let Err(e) = socket.send_to(&datagram, SocketAddrV4::new(ip, port)) {
-                        tracing::debug!("[{}]: fastdp heartbeat: {e}", r.label());
+                    match socket.send_to(&datagram, SocketAddrV4::new(ip, port)) {
+                        Ok(_) => send_error = Some(None),
+                        Err(e) => {
+                            tracing::debug!("[{}]: fastdp heartbeat: {e}", r.label());
+                            send_error = Some(Some(format!("sending heartbeats: {e}")));
+                        }
                     }
                 }
+            }
+        }
+        // A heartbeat that cannot be sent (say, too big for the underlay with the
+        // ESP overhead) is why the fast datapath stays down: status says so.
+        if let Some(error) = send_error
+            && let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut())
+        {
+            let stale = r
+                .fastdp_note
+                .as_deref()
+                .is_some_and(|n| n.starts_with("sending heartbeats"));
+            match error {
+                Some(e) if r.fastdp_note.as_deref() != Some(e.as_str()) => {
+                    r.fastdp_note = Some(e);
+                    self.dirty = true;
+                }
+                None if stale => {
+                    r.fastdp_note = None;
+                    self.dirty = true;
+                }
+                _ => {}
             }
         }
     }
@@ -1216,6 +1271,12 @@ impl Node {
             });
         }
         match outcome.error {
+            Some(e) if outcome.fatal => {
+                // As Weave: the connection starts over, and its exchange with it.
+                let reason = format!("fastdp: IPsec: {e}");
+                self.close(conn, &reason);
+                return;
+            }
             Some(e) => {
                 tracing::warn!("[{}]: fastdp: IPsec: {e}", r.label());
                 r.fastdp_note = Some(format!("IPsec: {e}"));
@@ -1311,9 +1372,19 @@ impl Node {
             let owner = r
                 .short_id
                 .and_then(|id| self.mesh.topology().short_id_owner(id));
+            // Until a new connection has an overlay working, the entry the peer had
+            // (its earlier connection's, or an earlier run's) keeps carrying traffic:
+            // a restart of either end does not interrupt it.
+            let previous_works = |short_id: ShortId, addr: Ipv4Addr| {
+                r.overlay().is_none()
+                    && self.lingering.get(&short_id).is_some_and(|(e, until)| {
+                        *until > now && e.addr == addr && e.encrypted == r.key.is_some()
+                    })
+            };
             if let (Some(short_id), IpAddr::V4(addr)) = (r.short_id, c.remote.ip())
                 && short_id != self.settings.short_id
                 && owner.is_none_or(|o| o == r.name)
+                && !previous_works(short_id, addr)
             {
                 desired.entry(short_id).or_insert(RemotePeer {
                     short_id,

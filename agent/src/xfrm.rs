@@ -72,11 +72,14 @@ use zeroize::{Zeroize, Zeroizing};
 /// The reqid on every SA and policy template weft installs ("weft" in ASCII); Weave
 /// uses 0. It is how weft recognises its own state.
 pub const WEFT_REQID: u32 = 0x7765_6674;
-/// Priority of weft's per-peer outbound policies (lower numbers win).
-pub const PEER_POLICY_PRIORITY: u32 = 0x7765_6600;
-/// Priority of weft's block policy: a larger number than the per-peer policies', so
-/// it only catches what they do not. Also how weft recognises it.
-pub const BLOCK_POLICY_PRIORITY: u32 = 0x7765_66ff;
+/// Priority of weft's per-peer outbound policies (lower numbers win): the highest
+/// precedence, as Weave's, so no other policy (an `allow` one, say) can take a
+/// marked packet out of ESP. The mark scopes them to weft's traffic.
+pub const PEER_POLICY_PRIORITY: u32 = 0;
+/// Priority of weft's block policy: just after the per-peer policies, so it catches
+/// what they do not, before any other policy. With its action, selector and mark,
+/// also how weft recognises it.
+pub const BLOCK_POLICY_PRIORITY: u32 = 1;
 /// The AEAD of every SA (the kernel's name).
 const AEAD_NAME: &str = "rfc4106(gcm(aes))";
 /// ICV length in bits.

@@ -47,7 +47,8 @@ use weft_common::{
 use crate::{
     maps::{FLOOD, Flood, config, count, count_peer, peer},
     packet::{
-        decrypted, learn_mac, lookup_mac, read_at, redirect_out, set_tunnel_key, skb, tunnel_key,
+        clear_ipsec_mark, decrypted, learn_mac, lookup_mac, read_at, redirect_out, set_tunnel_key,
+        skb, tunnel_key,
     },
 };
 
@@ -237,6 +238,9 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Counter> {
         // ESP never becomes established).
         return Err(Counter::DropNotEncrypted);
     }
+    // The mark did its job: frames entering the bridge do not carry it on (a reply
+    // of the host's, or anything it forwards, would meet the block policy).
+    clear_ipsec_mark(ctx);
     let src_mac: [u8; 6] = match read_at(ctx, 6) {
         Some(mac) => mac,
         None => ctx.load(6).map_err(|_| Counter::DropTruncated)?,

@@ -162,3 +162,13 @@ pub fn redirect_out(ifindex: u32) -> i32 {
     // SAFETY: plain helper call; it only records the target for the verdict.
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
+
+/// Clears [`IPSEC_MARK`] from a received frame.
+#[inline(always)]
+pub fn clear_ipsec_mark(ctx: &TcContext) {
+    // SAFETY: `skb` points at the program's context; TC programs may write `mark`.
+    unsafe {
+        let skb = skb(ctx);
+        (*skb).mark &= !IPSEC_MARK;
+    }
+}

@@ -572,10 +572,16 @@ pub fn is_root() -> bool {
 /// changes. Needs root.
 pub fn kernel_has_esp() -> bool {
     let key = format!("0x{}", "11".repeat(36));
+    // iproute2's `ip` by path: a busybox `unshare` would run its own `ip` applet,
+    // which has no xfrm.
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("ip");
     std::process::Command::new("unshare")
         .args([
             "-n",
-            "ip",
+            ip,
             "xfrm",
             "state",
             "add",

@@ -41,7 +41,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use crate::{
     agent::AgentProc,
-    cmd::{command_line, describe_status, host_command, tail},
+    cmd::{command_line, describe_status, host_command, run_in, tail},
     signal::interrupted,
     testbed::{Pod, Testbed},
 };
@@ -652,10 +652,34 @@ impl Testbed {
         }
         let name = opts.name.clone().unwrap_or_else(|| host.peer_name());
         let nickname = opts.nickname.clone().unwrap_or_else(|| host.nickname());
+        if opts.fastdp {
+            // weaver's fast datapath makes its own bridge (type "bridged_fastdp") and
+            // refuses a plain one: the testbed's goes, its pods are attached again
+            // to weaver's below.
+            run_in(&host.ns, "ip", &["link", "del", "weave"])?;
+        }
         let dir = self.weaver_dir(n);
         let w = Weaver::start(bin, &host.ns, &dir, &name, &nickname, opts)
             .with_context(|| format!("starting weaver on host {n}"))?;
         self.weavers.insert(n, w);
+        if opts.fastdp {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while run_in(&host.ns, "ip", &["link", "show", "weave"]).is_err() {
+                ensure!(
+                    Instant::now() < deadline,
+                    "weaver on host {n}: no bridge `weave` within 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            for pod in &host.pods {
+                let port = format!("vethwepl{}", pod.index);
+                run_in(
+                    &host.ns,
+                    "ip",
+                    &["link", "set", &port, "master", "weave", "up"],
+                )?;
+            }
+        }
         self.weaver_mut(n)
     }
 

@@ -176,6 +176,28 @@ fn encrypted_fast_datapath_carries_pods_over_esp_only() {
     wait_connection(&tb, 2, 1, ESTABLISH, established_over("fastdp"));
     check_pods(&tb);
 
+    // Every SA of host1 deleted under a ping stream (the policies stay): the marked
+    // traffic meets a policy without an SA and is dropped, never sent in clear; the
+    // connection uses the encrypted sleeve meanwhile, and the next rekey (every 6 s
+    // here) brings the fast datapath back.
+    let stream = {
+        let (p1, p2) = (p1.clone(), p2.clone());
+        std::thread::spawn(move || ping_stream(&p1, p2.addr, 1000, Duration::from_millis(10)))
+    };
+    let host1 = tb.host(1).must("host").ns.clone();
+    ns_exec(&host1, &["ip", "xfrm", "state", "flush"]).must("ip xfrm state flush");
+    let flushed = Instant::now();
+    let r = stream.join().expect("ping thread").must("ping stream");
+    eprintln!("host1's SAs deleted: {r:?}");
+    for (n, peer) in [(1u8, 2u8), (2, 1)] {
+        wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
+    }
+    eprintln!(
+        "back on the fast datapath {:?} after the SAs were deleted",
+        flushed.elapsed()
+    );
+    check_pods(&tb);
+
     let (plain, esp) = (wire.plaintext(), wire.esp());
     eprintln!("on the wire: {esp} ESP packets, {plain} plaintext UDP 6784");
     assert!(esp > 100, "ESP carried the traffic: {esp}");

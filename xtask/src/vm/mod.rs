@@ -46,6 +46,11 @@ pub const DEFAULT_TESTS: &[&str] = &[
     "mesh::two_wefts_mesh_over_the_fast_datapath",
     // A host with the kernel's own VXLAN devices in Weave's layout.
     "interop",
+    // The encrypted fast datapath: IPsec ESP through XFRM (this kernel has ESP).
+    "ipsec",
+    // weaver's own fast datapath (openvswitch) against weft's, plain and encrypted:
+    // skipped without WEFT_WEAVER.
+    "weave_interop::weaver_and_weft_over_fastdp",
 ];
 
 /// Options of `cargo xtask vm-test`.
