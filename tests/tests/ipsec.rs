@@ -291,3 +291,110 @@ fn without_esp_encrypted_peers_use_the_sleeve_and_say_why() {
     );
     check_pods(&tb);
 }
+
+/// weft's XFRM state is its own (reqid 0x77656674, "weft"): SIGTERM leaves it (the
+/// datapath keeps forwarding, encrypted), an agent started without a password
+/// removes all of it, and so does `weft reset`; a foreign policy survives both.
+#[test]
+fn xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset() {
+    if skip_without_esp("xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset") {
+        return;
+    }
+    let bin = agent_bin();
+    let mut tb = bed(2, 1);
+    start(&mut tb, 1, &[], &[]);
+    start(&mut tb, 2, &[1], &[]);
+    for (n, peer) in [(1u8, 2u8), (2, 1)] {
+        wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
+    }
+    let namespaces = [
+        tb.host(1).must("host").ns.clone(),
+        tb.host(2).must("host").ns.clone(),
+    ];
+    let ns = |n: u8| namespaces[usize::from(n) - 1].clone();
+    let xfrm = |n: u8, what: &str| ns_exec(&ns(n), &["ip", "xfrm", what]).must("ip xfrm");
+    // A foreign policy (another reqid, same mark) on both hosts.
+    for n in [1u8, 2] {
+        ns_exec(
+            &ns(n),
+            &[
+                "ip",
+                "xfrm",
+                "policy",
+                "add",
+                "src",
+                "198.51.100.1/32",
+                "dst",
+                "198.51.100.2/32",
+                "dir",
+                "out",
+                "mark",
+                "0x20000",
+                "mask",
+                "0x20000",
+                "tmpl",
+                "proto",
+                "esp",
+                "reqid",
+                "7",
+                "mode",
+                "transport",
+            ],
+        )
+        .must("foreign policy");
+    }
+    let weft_reqid = "reqid 2003134068";
+    for n in [1u8, 2] {
+        assert!(
+            xfrm(n, "state").contains(weft_reqid),
+            "host{n}: {}",
+            xfrm(n, "state")
+        );
+    }
+    // SIGTERM leaves it; reset removes weft's state only.
+    tb.stop_agent(1).must("stop agent 1");
+    assert!(
+        xfrm(1, "state").contains(weft_reqid),
+        "SIGTERM left the SAs"
+    );
+    tb.reset_agent(1, &bin).must("weft reset");
+    let (states, policies) = (xfrm(1, "state"), xfrm(1, "policy"));
+    assert!(!states.contains(weft_reqid), "reset left SAs: {states}");
+    assert!(
+        !policies.contains(weft_reqid),
+        "reset left policies: {policies}"
+    );
+    assert!(
+        !policies.contains("action block"),
+        "reset left the block policy: {policies}"
+    );
+    assert!(
+        policies.contains("reqid 7"),
+        "reset removed a foreign policy: {policies}"
+    );
+    // An agent started without a password removes an earlier run's state.
+    tb.stop_agent(2).must("stop agent 2");
+    assert!(
+        xfrm(2, "state").contains(weft_reqid),
+        "SIGTERM left the SAs"
+    );
+    tb.start_mesh_agent(2, &bin, &[1], &[])
+        .must("agent 2, no password");
+    let (states, policies) = (xfrm(2, "state"), xfrm(2, "policy"));
+    assert!(
+        !states.contains(weft_reqid),
+        "encryption off left SAs: {states}"
+    );
+    assert!(
+        !policies.contains(weft_reqid),
+        "encryption off left policies: {policies}"
+    );
+    assert!(
+        !policies.contains("action block"),
+        "encryption off left the block policy"
+    );
+    assert!(
+        policies.contains("reqid 7"),
+        "a foreign policy was removed: {policies}"
+    );
+}
