@@ -380,6 +380,11 @@ fn xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset() {
     );
     tb.start_mesh_agent(2, &bin, &[1], &[])
         .must("agent 2, no password");
+    // The agent removes it right after its datapath is ready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while xfrm(2, "policy").contains("action block") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (states, policies) = (xfrm(2, "state"), xfrm(2, "policy"));
     assert!(
         !states.contains(weft_reqid),
