@@ -1060,13 +1060,15 @@ impl Node {
             .map(|(_, f)| f.poll(now))
             .unwrap_or_default();
         let ipsec_actions = r.ipsec.as_mut().map(|s| s.poll(now)).unwrap_or_default();
+        // IPsec first: a sleeve or fast-datapath action may close the connection, and
+        // the session's due deletions must not be lost with it.
+        if !ipsec_actions.is_empty() {
+            self.ipsec_actions(conn, ipsec_actions, now);
+        }
         for action in sleeve_actions {
             self.sleeve_action(conn, action, now);
         }
         self.fastdp_actions(conn, fastdp_actions);
-        if !ipsec_actions.is_empty() {
-            self.ipsec_actions(conn, ipsec_actions, now);
-        }
         let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) else {
             return;
         };
