@@ -608,6 +608,7 @@ fn snapshot(state: &Shared) -> Status {
                 rx_packets: stats.rx_packets,
                 rx_bytes: stats.rx_bytes,
                 sleeve: None,
+                ipsec: None,
             }
         })
         .collect();

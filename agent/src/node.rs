@@ -52,7 +52,7 @@ use crate::{
     netdev::Netdev,
     peering::{self, ConnEvent, ConnHandle},
     sleeve_io::{Dataplane, DataplaneEvent, PeerSpec, SpecialSendError},
-    status::{Connection, Overlay, Status, Target, Traffic},
+    status::{Connection, IpsecStatus, Overlay, Status, Target, Traffic},
 };
 
 /// The node's clock tick: the granularity of every timer (heartbeats are 500 ms).
@@ -1441,6 +1441,10 @@ impl Node {
             };
             let mut conn = Connection::from_mesh(&cs, r.short_id, mtu);
             conn.encrypted = r.key.is_some();
+            conn.ipsec = r.ipsec.as_ref().map(|s| IpsecStatus {
+                outbound_spi: s.outbound_spi(),
+                inbound_spis: s.inbound_spis().collect(),
+            });
             // Why the fast datapath does not carry this connection, when known.
             let fastdp_note = match &self.fastdp_unavailable {
                 Some(reason) if r.key.is_some() => Some(reason.clone()),

@@ -173,6 +173,21 @@ pub struct Connection {
     /// What the sleeve overlay carried for this peer, when sleeve runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleeve: Option<Traffic>,
+    /// The fast datapath's IPsec SAs with this peer, when it is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec: Option<IpsecStatus>,
+}
+
+/// A connection's IPsec SAs (the encrypted fast datapath), by SPI: what `ip xfrm
+/// state` shows for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpsecStatus {
+    /// The SPI traffic to the peer is encrypted with, once installed.
+    #[serde(default)]
+    pub outbound_spi: Option<u32>,
+    /// The SPIs accepted from the peer (two while a rekey's grace period runs).
+    #[serde(default)]
+    pub inbound_spis: Vec<u32>,
 }
 
 /// Frame and byte counts of one overlay towards one peer.
@@ -606,6 +621,7 @@ impl Connection {
             rx_packets: 0,
             rx_bytes: 0,
             sleeve: None,
+            ipsec: None,
         }
     }
 }
@@ -864,6 +880,7 @@ pub(crate) mod tests {
             rx_packets: 0,
             rx_bytes: 0,
             sleeve: None,
+            ipsec: None,
         }
     }
 

@@ -140,6 +140,19 @@ fn encrypted_fast_datapath_carries_pods_over_esp_only() {
     }
     let text = tb.status(1, &["connections"]).must("status connections");
     assert!(text.contains(" established encrypted   fastdp "), "{text}");
+    // Status shows the SAs: each side's outbound SPI is one the other accepts.
+    let ipsec = |n: u8| tb.status_json(n).must("status")["connections"][0]["ipsec"].clone();
+    for (a, b) in [(1u8, 2u8), (2, 1)] {
+        let (ia, ib) = (ipsec(a), ipsec(b));
+        let out = ia["outbound_spi"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("host{a}: {ia}"));
+        let accepted: Vec<u64> = ib["inbound_spis"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        assert!(accepted.contains(&out), "host{a} {ia} -> host{b} {ib}");
+    }
     check_pods(&tb);
     let s = tb.status_json(1).must("status");
     assert!(
