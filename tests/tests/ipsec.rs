@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
+use common::{FIRST_CONTACT, Firewall, Must, agent_bin, bed, established_over, wait_connection};
 use weft_testbed::{Testbed, kernel_has_esp, ns_exec, ping, ping_stream, tcp_transfer, wait_ping};
 
 /// How long a mesh connection may take to be established (the VM is slow).
@@ -239,13 +239,8 @@ fn esp_blocked_moves_to_the_encrypted_sleeve_and_back() {
         wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
     }
     let host1 = tb.host(1).must("host").ns.clone();
-    let nft = |rules: &str| ns_exec(&host1, &["nft", rules]).must(rules);
-    nft("add table inet weft_test");
-    nft("add chain inet weft_test in { type filter hook input priority 0 ; }");
-    nft("add chain inet weft_test out { type filter hook output priority 0 ; }");
     let blocked = Instant::now();
-    nft("add rule inet weft_test in meta l4proto esp drop");
-    nft("add rule inet weft_test out meta l4proto esp drop");
+    let fw = Firewall::drop(&host1, &["meta l4proto esp"], &["meta l4proto esp"]);
     for (n, peer) in [(1u8, 2u8), (2, 1)] {
         let c = wait_connection(&tb, n, peer, ESTABLISH, established_over("sleeve"));
         assert_eq!(c["encrypted"], true, "host{n}: {c}");
@@ -253,7 +248,7 @@ fn esp_blocked_moves_to_the_encrypted_sleeve_and_back() {
     let to_sleeve = blocked.elapsed();
     check_pods(&tb);
     let unblocked = Instant::now();
-    nft("delete table inet weft_test");
+    fw.remove();
     for (n, peer) in [(1u8, 2u8), (2, 1)] {
         wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
     }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
+use common::{FIRST_CONTACT, Firewall, Must, agent_bin, bed, established_over, wait_connection};
 use serde_json::Value;
 use weft_testbed::{Testbed, ns_exec, ping, ping_stream, tcp_transfer, wait_ping};
 
@@ -288,18 +288,13 @@ fn blocked_fast_path_falls_back_to_sleeve_and_returns() {
     };
     std::thread::sleep(Duration::from_secs(1));
     let host1 = tb.host(1).must("host").ns.clone();
-    let nft = |rules: &str| ns_exec(&host1, &["nft", rules]).must(rules);
-    nft("add table inet weft_test");
-    nft("add chain inet weft_test in { type filter hook input priority 0 ; }");
-    nft("add chain inet weft_test out { type filter hook output priority 0 ; }");
     let blocked = Instant::now();
-    nft("add rule inet weft_test in udp dport 6784 drop");
-    nft("add rule inet weft_test out udp dport 6784 drop");
+    let fw = Firewall::drop(&host1, &["udp dport 6784"], &["udp dport 6784"]);
     wait_both_over(&tb, "sleeve");
     let to_sleeve = blocked.elapsed();
     std::thread::sleep(Duration::from_secs(2));
     let unblocked = Instant::now();
-    nft("delete table inet weft_test");
+    fw.remove();
     wait_both_over(&tb, "fastdp");
     let to_fastdp = unblocked.elapsed();
     let r = stream.join().expect("ping thread").must("ping stream");
@@ -315,14 +310,12 @@ fn blocked_fast_path_falls_back_to_sleeve_and_returns() {
     assert!(to_fastdp <= Duration::from_secs(5), "back: {to_fastdp:?}");
     // Blocked one way only (host1 drops what comes in): both ends move to the
     // sleeve (host2 still hears host1, but host1's heartbeats say it hears nothing).
-    nft("add table inet weft_test");
-    nft("add chain inet weft_test in { type filter hook input priority 0 ; }");
     let one_way = Instant::now();
-    nft("add rule inet weft_test in udp dport 6784 drop");
+    let fw = Firewall::drop(&host1, &["udp dport 6784"], &[]);
     wait_both_over(&tb, "sleeve");
     let one_way_to_sleeve = one_way.elapsed();
     check_pods(&tb, 1, 2);
-    nft("delete table inet weft_test");
+    fw.remove();
     eprintln!("one-way block: both ends on the sleeve in {one_way_to_sleeve:?}");
     // One heartbeat interval more than the two-way case: host2 learns of it from
     // host1's next heartbeat after host1's own timeout.

@@ -130,3 +130,36 @@ pub fn wait_connection(
 pub fn established_over(overlay: &'static str) -> impl Fn(&Value) -> bool {
     move |c| c["state"] == "established" && c["overlay"] == overlay
 }
+
+/// A firewall in a host's namespace (nftables table `weft_test`, hooks input and
+/// output) dropping what the given matches select; [`Firewall::remove`] deletes it.
+pub struct Firewall {
+    ns: String,
+}
+
+impl Firewall {
+    /// Drops, in namespace `ns`, incoming packets matching each of `inbound` and
+    /// outgoing packets matching each of `outbound` (nft match expressions, such as
+    /// `udp dport 6784` or `meta l4proto esp`).
+    pub fn drop(ns: &str, inbound: &[&str], outbound: &[&str]) -> Self {
+        let nft = |rule: &str| {
+            weft_testbed::ns_exec(ns, &["nft", rule]).must(rule);
+        };
+        nft("add table inet weft_test");
+        nft("add chain inet weft_test in { type filter hook input priority 0 ; }");
+        nft("add chain inet weft_test out { type filter hook output priority 0 ; }");
+        for m in inbound {
+            nft(&format!("add rule inet weft_test in {m} drop"));
+        }
+        for m in outbound {
+            nft(&format!("add rule inet weft_test out {m} drop"));
+        }
+        Self { ns: ns.to_owned() }
+    }
+
+    /// Deletes the firewall.
+    pub fn remove(self) {
+        weft_testbed::ns_exec(&self.ns, &["nft", "delete table inet weft_test"])
+            .must("deleting the test firewall");
+    }
+}
