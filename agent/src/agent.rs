@@ -472,6 +472,7 @@ pub(crate) async fn setup(
         mtu: args.mtu,
         mac_age_secs: DEFAULT_MAC_AGE_SECS,
         sleeve_ifindex: me.sleeve_ifindex,
+        vxlan_port: port,
     };
     // Without peers given (mesh mode), the peers an earlier run left stay until the
     // mesh has its own view.
@@ -666,8 +667,9 @@ fn snapshot(state: &Shared) -> Status {
 }
 
 /// `weft reset`: removes everything weft created in this network namespace: the
-/// pinned programs' links and maps (the programs detach), weft's VXLAN device, and
-/// the bridge if weft created it. Refuses while an agent answers on the socket.
+/// pinned programs' links and maps (the programs detach), the underlay guards,
+/// weft's VXLAN device, and the bridge if weft created it. Refuses while an agent
+/// answers on the socket.
 pub async fn reset(args: ResetArgs) -> anyhow::Result<()> {
     if control::query(&args.socket).await.is_ok() {
         bail!(
@@ -689,6 +691,16 @@ pub async fn reset(args: ResetArgs) -> anyhow::Result<()> {
                 "not created by weft (no weft alias); left in place"
             );
         }
+    }
+    // The underlay guards (netlink filters: on whichever interface was the underlay;
+    // TCX links go with the pins).
+    let ifindexes = match loader::uses_tcx() {
+        true => Vec::new(),
+        false => net.links().await?.into_iter().map(|l| l.index).collect(),
+    };
+    let guards = loader::detach_guards(&pins, ifindexes);
+    if guards > 0 {
+        tracing::info!("weft reset: removed {guards} underlay guard attachments");
     }
     pins.remove()
         .with_context(|| format!("removing {}", pins.root().display()))?;

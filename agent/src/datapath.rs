@@ -33,6 +33,8 @@ pub struct LocalSettings {
     pub mac_age_secs: u32,
     /// ifindex of the sleeve's TAP device, 0 without a sleeve.
     pub sleeve_ifindex: u32,
+    /// The fast datapath's UDP port (the underlay guards judge it).
+    pub vxlan_port: u16,
 }
 
 /// A remote peer as the datapath needs it.
@@ -102,6 +104,7 @@ impl<M: DatapathMaps> Datapath<M> {
                 mtu: cfg.mtu,
                 mac_age_secs: cfg.mac_age_secs,
                 sleeve_ifindex: cfg.sleeve_ifindex,
+                vxlan_port: cfg.vxlan_port,
             });
         }
         let n = dp.peers.len();
@@ -230,7 +233,7 @@ impl<M: DatapathMaps> Datapath<M> {
             local_short_id: local.short_id,
             mtu: local.mtu,
             flood_count: flood_count as u16,
-            pad: 0,
+            vxlan_port: local.vxlan_port,
             mac_age_secs: local.mac_age_secs,
             sleeve_ifindex: local.sleeve_ifindex,
         })
@@ -290,6 +293,7 @@ mod tests {
             mtu: 1376,
             mac_age_secs: 300,
             sleeve_ifindex: 0,
+            vxlan_port: 6784,
         }
     }
 

@@ -12,6 +12,10 @@
 //!   atomic, no packet sees the hook empty. Without a pinned link it attaches and
 //!   pins a new one.
 //!
+//! With the fast datapath encrypted, two guard programs run on the underlay
+//! interface too ([`attach_guards`], [`detach_guards`]): pinned as `links/<program>`
+//! with TCX, netlink filters of their own names otherwise.
+//!
 //! Older kernels have no TCX: programs are netlink `cls_bpf` filters under a
 //! `clsact` qdisc, which outlive the process by themselves; a starting agent
 //! replaces the previous run's filters (not atomically: a gap of a few
@@ -420,6 +424,93 @@ fn replace_pinned(
     }
 }
 
+/// Where the underlay guards run: [`programs::GUARD_EGRESS`] on egress,
+/// [`programs::GUARD_INGRESS`] on ingress.
+const GUARD_HOOKS: [(&str, TcAttachType); 2] = [
+    (programs::GUARD_EGRESS, TcAttachType::Egress),
+    (programs::GUARD_INGRESS, TcAttachType::Ingress),
+];
+
+/// Loads the underlay guards and puts them on the underlay interface `ifindex`
+/// (only while the fast datapath is encrypted). With TCX each gets a new link,
+/// pinned over the previous run's pin (a rename: the old link, perhaps on another
+/// interface, detaches as its pin goes, after the new one runs already). With
+/// netlink filters the previous run's filter of the same name is replaced; a
+/// `clsact` qdisc is added if the interface has none, and is never removed (other
+/// agents may use it).
+pub fn attach_guards(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32) -> Result<(), LoaderError> {
+    for (name, hook) in GUARD_HOOKS {
+        let prog = classifier(ebpf, name)?;
+        prog.load().map_err(|source| {
+            if is_permission_error(&source) {
+                LoaderError::Permission
+            } else {
+                LoaderError::ProgramLoad { name, source }
+            }
+        })?;
+        let attach_err = |source| LoaderError::Attach {
+            name,
+            iface: ifindex,
+            source,
+        };
+        if !uses_tcx() {
+            prepare_netlink(ifindex, hook, name)?;
+            let id = prog.attach(ifindex, hook).map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            // As in `attach_all`: the filter outlives the process.
+            std::mem::forget(link);
+            continue;
+        }
+        let id = prog.attach(ifindex, hook).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| attach_err(ProgramError::from(e)))?;
+        let path = pins.link(name);
+        // bpffs refuses names with a dot.
+        let fresh = pins.link(&format!("{name}-new"));
+        let _ = std::fs::remove_file(&fresh);
+        let _pinned = fd_link
+            .pin(&fresh)
+            .map_err(|source| LoaderError::Pin { name, source })?;
+        std::fs::rename(&fresh, &path).map_err(|source| {
+            let _ = std::fs::remove_file(&fresh);
+            LoaderError::PinDir {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes the underlay guards (fast datapath not encrypted, or `weft reset`):
+/// their pinned TCX links, and with netlink filters those of their names on every
+/// interface of `ifindexes` (the underlay may have been another one in an earlier
+/// run). Never removes a `clsact` qdisc. Returns how many it removed; failures are
+/// logged, not returned (there may be nothing to remove).
+pub fn detach_guards(pins: &PinDir, ifindexes: impl IntoIterator<Item = u32>) -> usize {
+    let mut removed = 0;
+    for (name, _) in GUARD_HOOKS {
+        match std::fs::remove_file(pins.link(name)) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(program = name, error = %e, "unpinning a guard's link"),
+        }
+    }
+    if uses_tcx() {
+        return removed;
+    }
+    for ifindex in ifindexes {
+        for (name, hook) in GUARD_HOOKS {
+            match tc::qdisc_detach_program(ifindex, hook.into(), name) {
+                Ok(()) => removed += 1,
+                // Most interfaces have no clsact qdisc or no such filter.
+                Err(e) => tracing::debug!(ifindex, program = name, error = %e, "no guard filter"),
+            }
+        }
+    }
+    removed
+}
+
 /// Netlink mode: removes a leftover filter of a previous run and makes sure a
 /// `clsact` qdisc exists (on weft's own device, so it goes with the device).
 fn prepare_netlink(iface: u32, hook: TcAttachType, name: &str) -> Result<(), LoaderError> {
@@ -438,4 +529,70 @@ fn prepare_netlink(iface: u32, hook: TcAttachType, name: &str) -> Result<(), Loa
         Err(e) => return Err(tc_err(e)),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::tap::testnet;
+
+    /// Names of the programs TCX runs on hook `hook` of `ifindex` (kernel names: cut at
+    /// 15 bytes).
+    fn tcx_names(ifindex: u32, hook: TcAttachType) -> Vec<String> {
+        let (_, infos) = SchedClassifier::query_tcx(ifindex, hook).expect("TCX query");
+        infos
+            .iter()
+            .map(|i| i.name_as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Waits (a released link detaches from a kernel work item) until both hooks of
+    /// `ifindex` run exactly `want` (egress, ingress).
+    fn wait_hooks(ifindex: u32, want: (&[&str], &[&str])) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = (
+                tcx_names(ifindex, TcAttachType::Egress),
+                tcx_names(ifindex, TcAttachType::Ingress),
+            );
+            if got.0 == want.0 && got.1 == want.1 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "hooks: {got:?}, want {want:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// With TCX: the guards attach to an interface, a second attach (an agent's
+    /// restart) replaces them rather than adding to them, and detaching removes them.
+    #[test]
+    fn guards_attach_replace_and_detach_with_tcx() {
+        if EBPF_OBJECT.is_empty() || !uses_tcx() {
+            println!("skipping: no embedded eBPF object, or no TCX on this kernel");
+            return;
+        }
+        testnet::in_netns("guards_attach_replace_and_detach_with_tcx", || {
+            testnet::set_up("lo", 0);
+            let root = PathBuf::from(format!(
+                "/sys/fs/bpf/weft-test-guards-{}",
+                std::process::id()
+            ));
+            let pins = PinDir::at(root);
+            let lo = 1;
+            let guards: (&[&str], &[&str]) = (&["weft_guard_egre"], &["weft_guard_ingr"]);
+            let mut first = load(&pins, None).expect("load");
+            attach_guards(&mut first, &pins, lo).expect("attach");
+            wait_hooks(lo, guards);
+            let mut second = load(&pins, None).expect("load again");
+            attach_guards(&mut second, &pins, lo).expect("attach again");
+            drop((first, second));
+            wait_hooks(lo, guards);
+            assert_eq!(detach_guards(&pins, [lo]), 2);
+            wait_hooks(lo, (&[], &[]));
+            assert_eq!(detach_guards(&pins, [lo]), 0, "nothing left to detach");
+            pins.remove().expect("removing the pins");
+        });
+    }
 }

@@ -48,6 +48,7 @@ use crate::{
     control,
     datapath::{Datapath, LocalSettings, RemotePeer},
     esp::Esp,
+    loader,
     maps::BpfMaps,
     netdev::Netdev,
     peering::{self, ConnEvent, ConnHandle},
@@ -243,7 +244,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             return outcome;
         }
     };
-    drop(ebpf);
 
     // 3. The mesh's sockets: a port taken (another Weave router on this host, say)
     //    undoes the set-up, as any failure before the datapath is complete does.
@@ -262,6 +262,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(s) => s,
         Err(e) => {
             drop(datapath);
+            drop(ebpf);
             rollback.run(&net).await;
             return Err(e);
         }
@@ -314,6 +315,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(e) = datapath.apply(&settings, &lingering) {
         tracing::warn!("dropping an earlier run's peers of another encryption setting: {e}");
     }
+    // The underlay guards, a check of the datapath's own beside XFRM's: on while the
+    // fast datapath is encrypted, off otherwise (an earlier run's, perhaps on
+    // another interface, removed).
+    if esp.is_some() {
+        match loader::attach_guards(&mut ebpf, &pins, underlay.index) {
+            Ok(()) => tracing::info!(
+                iface = %underlay.name,
+                "underlay guards attached: marked plaintext VXLAN never leaves, plaintext \
+                 VXLAN from encrypted peers never enters"
+            ),
+            Err(e) => tracing::error!(
+                iface = %underlay.name,
+                error = %format!("{:#}", anyhow::Error::from(e)),
+                "attaching the underlay guards failed; XFRM's block policy alone keeps \
+                 marked traffic from leaving in clear"
+            ),
+        }
+    } else {
+        let ifindexes = match loader::uses_tcx() {
+            true => Vec::new(),
+            false => net.links().await.map_or_else(
+                |_| Vec::new(),
+                |links| links.into_iter().map(|l| l.index).collect(),
+            ),
+        };
+        let n = loader::detach_guards(&pins, ifindexes);
+        if n > 0 {
+            tracing::info!("removed {n} underlay guard attachments of an earlier run");
+        }
+    }
+    drop(ebpf);
     if esp.is_none() {
         match Esp::remove_all() {
             Ok(0) => {}

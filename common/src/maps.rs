@@ -33,10 +33,11 @@ pub const DEFAULT_MAC_AGE_SECS: u32 = 300;
 /// pins the maps under a directory named after it, so an agent of another layout
 /// never opens maps it would misread: it creates its own and swaps the programs
 /// over atomically. Bump it whenever a record or a map definition changes.
-pub const MAP_LAYOUT_VERSION: u32 = 8;
+pub const MAP_LAYOUT_VERSION: u32 = 9;
 
-/// Programs' names in the eBPF object. Both run on weft's metadata-mode VXLAN
-/// device, a port of the bridge.
+/// Programs' names in the eBPF object. The first two run on weft's metadata-mode
+/// VXLAN device, a port of the bridge; the guards run on the underlay interface,
+/// only while the fast datapath is encrypted.
 pub mod programs {
     /// TC egress: picks the peer(s) of each frame the bridge sends to the device and
     /// sets the tunnel key the kernel's VXLAN driver encapsulates with.
@@ -44,6 +45,14 @@ pub mod programs {
     /// TC ingress: checks the tunnel key of each frame the kernel's VXLAN socket
     /// decapsulated, learns its source MAC, and lets it into the bridge.
     pub const INGRESS: &str = "weft_decap";
+    /// TC egress of the underlay (encrypted fast datapath only): drops fast-datapath
+    /// VXLAN or heartbeats carrying [`super::IPSEC_MARK`] that leave as plain UDP
+    /// (XFRM did not turn them into ESP).
+    pub const GUARD_EGRESS: &str = "weft_guard_egress";
+    /// TC ingress of the underlay (encrypted fast datapath only): drops plaintext
+    /// fast-datapath VXLAN from a [`super::PEER_ENCRYPTED`] peer's address before
+    /// the kernel's VXLAN socket (and its GRO) sees it.
+    pub const GUARD_INGRESS: &str = "weft_guard_ingress";
 }
 
 /// Datapath-wide settings, written by the agent (map [`CONFIG_MAP`], index 0).
@@ -64,8 +73,9 @@ pub struct DatapathConfig {
     pub mtu: u16,
     /// Number of valid entries in the flood list.
     pub flood_count: u16,
-    /// Padding, zero.
-    pub pad: u16,
+    /// The fast datapath's UDP port (Weave's 6784 unless `--port` moved it), which
+    /// the underlay guards judge.
+    pub vxlan_port: u16,
     /// Seconds after which a learned MAC no longer steers unicast (then it floods).
     pub mac_age_secs: u32,
     /// ifindex of the sleeve's TAP device (a port of the bridge, read by the agent),
@@ -215,13 +225,18 @@ pub enum Counter {
     /// ([`PEER_NO_FASTDP`]).
     DropNoFastdp,
     /// Dropped: VXLAN from a [`PEER_ENCRYPTED`] peer that no inbound SA of the agent
-    /// decrypted (plaintext where ESP is required).
+    /// decrypted (plaintext where ESP is required), or plaintext VXLAN from such a
+    /// peer's address that the underlay's ingress guard dropped.
     DropNotEncrypted,
+    /// Dropped by the underlay's egress guard: a packet carrying [`IPSEC_MARK`] about
+    /// to leave as plaintext UDP to the fast datapath's port (XFRM did not encrypt
+    /// it: its policies were flushed or overridden).
+    DropLeakGuard,
 }
 
 impl Counter {
     /// Number of counters (size of the counters map).
-    pub const COUNT: u32 = Counter::DropNotEncrypted as u32 + 1;
+    pub const COUNT: u32 = Counter::DropLeakGuard as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -244,6 +259,7 @@ impl Counter {
         Counter::RxHeartbeat,
         Counter::DropNoFastdp,
         Counter::DropNotEncrypted,
+        Counter::DropLeakGuard,
     ];
 
     /// A stable snake_case name (status output, metrics).
@@ -268,6 +284,7 @@ impl Counter {
             Counter::RxHeartbeat => "rx_heartbeat",
             Counter::DropNoFastdp => "drop_no_fastdp",
             Counter::DropNotEncrypted => "drop_not_encrypted",
+            Counter::DropLeakGuard => "drop_leak_guard",
         }
     }
 }

@@ -14,6 +14,20 @@
 //!   has received (and GRO-coalesced) and decapsulated a packet for a local address.
 //!   It checks that the VNI names this host and a known peer sending from its own
 //!   address, learns the inner source MAC, and lets the frame into the bridge.
+//!
+//! With the fast datapath encrypted (IPsec ESP), two more run on the underlay
+//! interface, a check independent of the XFRM state that does the encryption:
+//!
+//! - [`weft_guard_egress`] drops what carries the IPsec mark yet is about to leave as
+//!   plaintext UDP to the fast datapath's port (XFRM did not transform it: its
+//!   policies flushed, or a foreign policy of higher precedence).
+//! - [`weft_guard_ingress`] drops plaintext fast-datapath VXLAN from the address of
+//!   a peer whose traffic must be ESP, before the kernel's VXLAN socket (and its
+//!   GRO) sees it.
+//!
+//! Both leave every packet they do not judge to the programs after them (TCX's
+//! "next" verdict, which netlink `cls_bpf` filters read as "continue"), so weft
+//! shares the underlay with other agents' programs.
 #![no_std]
 #![no_main]
 // aya's `#[classifier]` wraps each program in a function taking the raw context,
@@ -33,19 +47,21 @@ mod packet;
 use core::ptr::NonNull;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::c_void,
     helpers::bpf_loop,
     macros::classifier,
     programs::TcContext,
 };
 use weft_common::{
-    maps::{Counter, DatapathConfig, MAX_PEERS, PEER_ENCRYPTED, PEER_NO_FASTDP, PEER_SLEEVE},
-    wire::{ETH_LEN, MAX_INNER_FRAME, vni_dst, vni_src},
+    maps::{
+        Counter, DatapathConfig, IPSEC_MARK, MAX_PEERS, PEER_ENCRYPTED, PEER_NO_FASTDP, PEER_SLEEVE,
+    },
+    wire::{ETH_LEN, IPPROTO_UDP, IPV4_LEN, MAX_INNER_FRAME, UDP_LEN, vni_dst, vni_src},
 };
 
 use crate::{
-    maps::{FLOOD, Flood, config, count, count_peer, peer},
+    maps::{FLOOD, Flood, config, count, count_peer, guard_port, peer},
     packet::{
         clear_ipsec_mark, decrypted, learn_mac, lookup_mac, read_at, redirect_out, set_tunnel_key,
         skb, tunnel_key,
@@ -327,6 +343,90 @@ fn pmtu_reply(
     }
     count(Counter::RxPmtuReply);
     Ok(TC_ACT_OK)
+}
+
+/// The verdict for a packet a guard does not judge: TCX's `TCX_NEXT` (the next
+/// program on the hook decides, or the packet passes if there is none), which a
+/// netlink `cls_bpf` filter in direct-action mode reads as "continue with the next
+/// filter". Both are -1 (`TC_ACT_UNSPEC`).
+const GUARD_NEXT: i32 = TC_ACT_UNSPEC;
+
+/// Drops, on egress of the underlay, a packet that carries the IPsec mark but is
+/// plaintext IPv4 UDP to the fast datapath's port: encrypted-peer VXLAN or a
+/// heartbeat of the marked socket that XFRM did not turn into ESP (what XFRM
+/// transforms leaves as IP protocol 50). Counted as [`Counter::DropLeakGuard`].
+/// Anything else goes on to the next program.
+#[classifier]
+pub fn weft_guard_egress(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` points at the program's context for the whole run.
+    let mark = unsafe { (*skb(&ctx)).mark };
+    if mark & IPSEC_MARK == 0 {
+        return GUARD_NEXT;
+    }
+    if udp_to_port(&ctx, guard_port()).is_none() {
+        return GUARD_NEXT;
+    }
+    count(Counter::DropLeakGuard);
+    TC_ACT_SHOT
+}
+
+/// Drops, on ingress of the underlay, plaintext fast-datapath VXLAN (IPv4 UDP to
+/// the fast datapath's port) whose VNI names a [`PEER_ENCRYPTED`] peer as its
+/// source and whose outer source is that peer's address: such a peer's traffic
+/// arrives as ESP. It never reaches the VXLAN socket, where GRO could merge it with
+/// decrypted packets of the same flow. Counted as [`Counter::DropNotEncrypted`].
+/// ESP, packets that carry the IPsec mark (decrypted by one of the agent's SAs and
+/// re-injected, as ESP's GRO does) and everything else go on to the next program.
+#[classifier]
+pub fn weft_guard_ingress(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` points at the program's context for the whole run.
+    let mark = unsafe { (*skb(&ctx)).mark };
+    if mark & IPSEC_MARK != 0 {
+        return GUARD_NEXT;
+    }
+    let Some((udp, src)) = udp_to_port(&ctx, guard_port()) else {
+        return GUARD_NEXT;
+    };
+    // The VXLAN header: flags, reserved, then the 24-bit VNI in bytes 4..7.
+    let Ok(vxlan) = ctx.load::<[u8; 8]>(udp + UDP_LEN) else {
+        return GUARD_NEXT;
+    };
+    let vni = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
+    match peer(vni_src(vni) as u32) {
+        Some(p) if p.flags & PEER_ENCRYPTED != 0 && p.addr == src => {
+            count(Counter::DropNotEncrypted);
+            TC_ACT_SHOT
+        }
+        _ => GUARD_NEXT,
+    }
+}
+
+/// If the packet is Ethernet + IPv4 (options allowed) + UDP to `port`, and not a
+/// later fragment, the offset of its UDP header and its IPv4 source address. Reads
+/// go through `bpf_skb_load_bytes`, so headers outside the linear area are found
+/// too. (An underlay without Ethernet headers is not judged.)
+#[inline(always)]
+fn udp_to_port(ctx: &TcContext, port: u16) -> Option<(usize, [u8; 4])> {
+    let eth_type: [u8; 2] = ctx.load(12).ok()?;
+    if eth_type != [0x08, 0x00] {
+        return None;
+    }
+    let ip: [u8; IPV4_LEN] = ctx.load(ETH_LEN).ok()?;
+    let ihl = (ip[0] & 0x0f) as usize;
+    if ip[0] >> 4 != 4 || ihl < 5 || ip[9] != IPPROTO_UDP {
+        return None;
+    }
+    // A later fragment carries no UDP header (weft's packets are sent with DF).
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+        return None;
+    }
+    // At most 60 bytes of IPv4 header: the offset stays bounded for the verifier.
+    let udp = ETH_LEN + ihl * 4;
+    let dst_port: [u8; 2] = ctx.load(udp + 2).ok()?;
+    if u16::from_be_bytes(dst_port) != port {
+        return None;
+    }
+    Some((udp, [ip[12], ip[13], ip[14], ip[15]]))
 }
 
 #[cfg(not(test))]

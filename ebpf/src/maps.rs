@@ -8,8 +8,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray},
 };
-use weft_common::maps::{
-    Counter, DatapathConfig, MAX_MACS, MAX_PEERS, MacEntry, MacKey, PeerEntry, PeerStats,
+use weft_common::{
+    maps::{Counter, DatapathConfig, MAX_MACS, MAX_PEERS, MacEntry, MacKey, PeerEntry, PeerStats},
+    wire::VXLAN_PORT,
 };
 
 /// Datapath settings (one entry). See [`DatapathConfig`].
@@ -73,6 +74,16 @@ pub fn config() -> Option<DatapathConfig> {
         return None;
     }
     Some(*cfg)
+}
+
+/// The fast datapath's UDP port the underlay guards judge: the configured one, or
+/// Weave's 6784 before the agent has written it.
+#[inline(always)]
+pub fn guard_port() -> u16 {
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.vxlan_port != 0 => cfg.vxlan_port,
+        _ => VXLAN_PORT,
+    }
 }
 
 /// Looks up a peer by ShortID (an array slot: no hashing, inlined by the verifier).

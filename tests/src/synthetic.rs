@@ -327,13 +327,19 @@ impl PacketTap {
 }
 
 /// Loads the eBPF object at `object` with its maps pinned under `pins` (a private
-/// directory: see [`TempPins`]) and both programs (verified, not attached).
+/// directory: see [`TempPins`]) and every program, the underlay guards included
+/// (verified, not attached).
 pub fn load_datapath(object: &Path, pins: &Path) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins)
         .load_file(object)
         .with_context(|| format!("loading {}", object.display()))?;
-    for name in [programs::EGRESS, programs::INGRESS] {
+    for name in [
+        programs::EGRESS,
+        programs::INGRESS,
+        programs::GUARD_EGRESS,
+        programs::GUARD_INGRESS,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name}"))?
@@ -360,7 +366,7 @@ pub fn config(vxlan: u32, flood_count: u16) -> DatapathConfig {
         local_short_id: 1,
         mtu: MTU,
         flood_count,
-        pad: 0,
+        vxlan_port: VXLAN_PORT,
         mac_age_secs: 300,
         sleeve_ifindex: 0,
     }

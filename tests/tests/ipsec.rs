@@ -9,7 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{FIRST_CONTACT, Firewall, Must, agent_bin, bed, established_over, wait_connection};
-use weft_testbed::{Testbed, kernel_has_esp, ns_exec, ping, ping_stream, tcp_transfer, wait_ping};
+use weft_testbed::{
+    Testbed, attached_programs, kernel_has_esp, ns_exec, ping, ping_stream, tcp_transfer, wait_ping,
+};
 
 /// How long a mesh connection may take to be established (the VM is slow).
 const ESTABLISH: Duration = Duration::from_secs(30);
@@ -223,6 +225,64 @@ fn encrypted_fast_datapath_carries_pods_over_esp_only() {
     }
 }
 
+/// The hooks of host `n`'s underlay (`eth0`) that carry one of weft's guards.
+fn guards(tb: &Testbed, n: u8) -> Vec<String> {
+    let ns = tb.host(n).must("host").ns.clone();
+    let mut found: Vec<String> = attached_programs(&ns, "eth0")
+        .must("attached programs")
+        .into_iter()
+        // Kernel program names are cut at 15 characters.
+        .filter(|p| p.name.starts_with("weft_guard"))
+        .map(|p| p.direction.to_owned())
+        .collect();
+    found.sort();
+    found
+}
+
+/// With a password on a kernel with ESP, every XFRM policy of host1 flushed under a
+/// ping stream (the agent puts them back within a second): the underlay's egress
+/// guard drops the marked VXLAN that now leaves untransformed, counts it
+/// (`drop_leak_guard`), and not one plaintext VXLAN packet crosses the wire.
+#[test]
+fn xfrm_policy_flush_leaks_nothing_the_guard_drops_it() {
+    if skip_without_esp("xfrm_policy_flush_leaks_nothing_the_guard_drops_it") {
+        return;
+    }
+    let mut tb = bed(2, 1);
+    let wire = WireCounters::install(&tb);
+    start(&mut tb, 1, &[], &[]);
+    start(&mut tb, 2, &[1], &[]);
+    for (n, peer) in [(1u8, 2u8), (2, 1)] {
+        wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
+        assert_eq!(guards(&tb, n), ["egress", "ingress"], "host{n}: guards");
+    }
+    check_pods(&tb);
+    let (p1, p2) = (
+        tb.pod(1, 1).must("pod").clone(),
+        tb.pod(2, 1).must("pod").clone(),
+    );
+    let stream =
+        std::thread::spawn(move || ping_stream(&p1, p2.addr, 500, Duration::from_millis(10)));
+    std::thread::sleep(Duration::from_secs(1));
+    let host1 = tb.host(1).must("host").ns.clone();
+    ns_exec(&host1, &["ip", "xfrm", "policy", "flush"]).must("ip xfrm policy flush");
+    let r = stream.join().expect("ping thread").must("ping stream");
+    eprintln!("host1's XFRM policies flushed: {r:?}");
+    for (n, peer) in [(1u8, 2u8), (2, 1)] {
+        wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
+    }
+    check_pods(&tb);
+    let s = tb.status_json(1).must("status");
+    let dropped = s["counters"]["drop_leak_guard"].as_u64().unwrap_or(0);
+    let (plain, esp) = (wire.plaintext(), wire.esp());
+    eprintln!(
+        "on the wire: {esp} ESP packets, {plain} plaintext UDP 6784; the guard dropped {dropped}"
+    );
+    assert_eq!(plain, 0, "plaintext VXLAN crossed the wire");
+    assert!(dropped > 0, "the guard dropped nothing: {}", s["counters"]);
+    assert!(esp > 100, "ESP carried the traffic: {esp}");
+}
+
 /// With a password on a kernel with ESP, ESP dropped by a firewall: the connection
 /// moves to the encrypted sleeve within 3 s, and back to the encrypted fast datapath
 /// within 5 s of the rule's removal; no plaintext VXLAN crosses the wire.
@@ -302,7 +362,8 @@ fn without_esp_encrypted_peers_use_the_sleeve_and_say_why() {
 
 /// weft's XFRM state is its own (reqid 0x77656674, "weft"): SIGTERM leaves it (the
 /// datapath keeps forwarding, encrypted), an agent started without a password
-/// removes all of it, and so does `weft reset`; a foreign policy survives both.
+/// removes all of it, and so does `weft reset`; a foreign policy survives both. The
+/// underlay guards go the same way.
 #[test]
 fn xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset() {
     if skip_without_esp("xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset") {
@@ -351,6 +412,13 @@ fn xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset() {
         )
         .must("foreign policy");
     }
+    for n in [1u8, 2] {
+        assert_eq!(
+            guards(&tb, n),
+            ["egress", "ingress"],
+            "host{n}: the underlay guards"
+        );
+    }
     let weft_reqid = "reqid 2003134068";
     for n in [1u8, 2] {
         assert!(
@@ -380,6 +448,7 @@ fn xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset() {
         policies.contains("reqid 7"),
         "reset removed a foreign policy: {policies}"
     );
+    assert!(guards(&tb, 1).is_empty(), "reset left {:?}", guards(&tb, 1));
     // An agent started without a password removes an earlier run's state.
     tb.stop_agent(2).must("stop agent 2");
     assert!(
@@ -409,5 +478,10 @@ fn xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset() {
     assert!(
         policies.contains("reqid 7"),
         "a foreign policy was removed: {policies}"
+    );
+    assert!(
+        guards(&tb, 2).is_empty(),
+        "encryption off left {:?}",
+        guards(&tb, 2)
     );
 }

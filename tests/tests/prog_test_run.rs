@@ -2,7 +2,8 @@
 //! forwarding decision (unicast, flood, drop, each counted), the flood copies as they
 //! leave the underlay (every copy's bytes, encapsulated by the kernel's VXLAN driver
 //! with the tunnel key the program set), a flood to all 4,094 possible peers,
-//! and decapsulation refusing frames without tunnel metadata.
+//! decapsulation refusing frames without tunnel metadata, and the underlay guards
+//! of the encrypted fast datapath judging marked, plaintext and ESP packets.
 //!
 //! What the kernel's VXLAN socket hands the decapsulation program (tunnel keys of
 //! real packets) cannot be made in a test run: the integration tests send real
@@ -23,13 +24,14 @@ use aya::{
 };
 use weft_common::{
     maps::{
-        CONFIG_MAP, COUNTERS_MAP, Counter, DatapathConfig, FLOOD_MAP, MACS_MAP, MAX_PEERS,
-        MacEntry, MacKey, PEER_SLEEVE, PEER_STATS_MAP, PeerStats, programs,
+        CONFIG_MAP, COUNTERS_MAP, Counter, DatapathConfig, FLOOD_MAP, IPSEC_MARK, MACS_MAP,
+        MAX_PEERS, MacEntry, MacKey, PEER_ENCRYPTED, PEER_SLEEVE, PEER_STATS_MAP, PeerStats,
+        programs,
     },
-    wire::{SRC_PORT_MAX, SRC_PORT_MIN, VXLAN_PORT, Vxlan, vni},
+    wire::{ETH_LEN, EncapHeaders, SRC_PORT_MAX, SRC_PORT_MIN, VXLAN_PORT, Vxlan, vni},
 };
 use weft_testbed::synthetic::{
-    self, GATEWAY_MAC, LOCAL, PEER2, PEER2_MAC, POD_LOCAL, POD_REMOTE, PacketTap, TempPins,
+    self, GATEWAY_MAC, LOCAL, PEER2, PEER2_MAC, PEER3, POD_LOCAL, POD_REMOTE, PacketTap, TempPins,
     UL0_MAC, arp_request, fill_scene, inner_frame, learn, load_datapath, private_underlay,
     set_peer, set_peer_flags,
 };
@@ -37,6 +39,8 @@ use weft_testbed::synthetic::{
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+/// `TCX_NEXT` / `TC_ACT_UNSPEC` (-1): the guards' "not mine, next program" verdict.
+const TCX_NEXT: u32 = u32::MAX;
 
 /// How long flood copies may take to reach the tap (they leave synchronously; the
 /// veth hands them over in a softirq).
@@ -115,10 +119,21 @@ impl Fixture {
 
     /// Runs program `name` on `packet`; returns (action, output bytes).
     fn run(&mut self, name: &str, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_marked(name, packet, 0)
+    }
+
+    /// Runs program `name` on `packet` carrying packet mark `mark`; returns
+    /// (action, output bytes).
+    fn run_marked(&mut self, name: &str, packet: &[u8], mark: u32) -> (u32, Vec<u8>) {
         let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
         let mut out = vec![0u8; packet.len() + 256];
+        // The start of a `struct __sk_buff` (len, pkt_type, mark): the test run
+        // takes the mark from it and wants the fields before it zero.
+        let mut ctx = [0u8; 12];
+        ctx[8..].copy_from_slice(&mark.to_ne_bytes());
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
+        opts.ctx_in = Some(&ctx);
         opts.data_out = Some(&mut out);
         let res = prog.test_run(opts).unwrap_or_else(|e| {
             panic!(
@@ -341,4 +356,108 @@ fn decap_refuses_frames_without_tunnel_metadata() {
         f.learned(POD_REMOTE).is_none(),
         "nothing learned from a refused frame"
     );
+}
+
+/// An outer fast-datapath packet as it crosses the underlay: Ethernet, IPv4, UDP to
+/// `dst_port` and VXLAN with `vni`, from `src` to `dst`, around a small inner frame.
+fn underlay_packet(src: [u8; 4], dst: [u8; 4], dst_port: u16, vni: u32) -> Vec<u8> {
+    let inner = inner_frame(POD_LOCAL, POD_REMOTE, 64);
+    let eth: [u8; ETH_LEN] = inner[..ETH_LEN].try_into().unwrap();
+    let mut headers = EncapHeaders::new(&eth, inner.len() as u32, src, dst, 40000, dst_port, vni);
+    headers.set_outer_macs(&UL0_MAC, &PEER2_MAC);
+    let mut packet = headers.bytes[..ETH_LEN + 36].to_vec();
+    packet.extend_from_slice(&inner);
+    packet
+}
+
+/// The same packet as IP protocol `proto` (ESP: 50), the bytes after the IPv4
+/// header unchanged (a guard reads no further than the protocol for it).
+fn with_protocol(mut packet: Vec<u8>, proto: u8) -> Vec<u8> {
+    packet[ETH_LEN + 9] = proto;
+    packet
+}
+
+/// The same packet with 4 bytes of IPv4 options (NOPs) after its 20-byte header.
+fn with_ip_options(mut packet: Vec<u8>) -> Vec<u8> {
+    packet[ETH_LEN] = 0x46;
+    let total = u16::from_be_bytes([packet[ETH_LEN + 2], packet[ETH_LEN + 3]]) + 4;
+    packet[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    packet.splice(ETH_LEN + 20..ETH_LEN + 20, [1u8; 4]);
+    packet
+}
+
+#[test]
+fn guard_egress_drops_marked_plaintext_vxlan_and_passes_esp_and_unmarked() {
+    let mut f = Fixture::new();
+    let vxlan = underlay_packet(LOCAL, PEER2, VXLAN_PORT, vni(2, 1));
+    let guard = programs::GUARD_EGRESS;
+    // Marked VXLAN that XFRM did not turn into ESP: a leak, dropped and counted.
+    assert_eq!(f.run_marked(guard, &vxlan, IPSEC_MARK).0, TC_ACT_SHOT);
+    assert_eq!(
+        f.run_marked(guard, &with_ip_options(vxlan.clone()), IPSEC_MARK | 0x1)
+            .0,
+        TC_ACT_SHOT,
+        "IPv4 options (IHL 6) and other mark bits change nothing"
+    );
+    assert_eq!(f.counter(Counter::DropLeakGuard), 2);
+    // What XFRM made of it (ESP), unmarked traffic, and marked UDP to another port
+    // are not the guard's: the next program (or the stack) decides.
+    let esp = with_protocol(vxlan.clone(), 50);
+    assert_eq!(f.run_marked(guard, &esp, IPSEC_MARK).0, TCX_NEXT, "ESP");
+    assert_eq!(f.run(guard, &vxlan).0, TCX_NEXT, "unmarked VXLAN");
+    let other = underlay_packet(LOCAL, PEER2, 4789, vni(2, 1));
+    assert_eq!(
+        f.run_marked(guard, &other, IPSEC_MARK).0,
+        TCX_NEXT,
+        "UDP 4789"
+    );
+    assert_eq!(
+        f.run_marked(guard, &arp_request(POD_LOCAL), IPSEC_MARK).0,
+        TCX_NEXT,
+        "ARP"
+    );
+    // The port the agent configured (`--port`) is the one judged.
+    let mut cfg = synthetic::config(f.vxlan, 2);
+    cfg.vxlan_port = 4789;
+    f.set_config(&cfg);
+    assert_eq!(f.run_marked(guard, &other, IPSEC_MARK).0, TC_ACT_SHOT);
+    assert_eq!(f.run_marked(guard, &vxlan, IPSEC_MARK).0, TCX_NEXT);
+    assert_eq!(f.counter(Counter::DropLeakGuard), 3);
+}
+
+#[test]
+fn guard_ingress_drops_plaintext_vxlan_from_an_encrypted_peer_only() {
+    let mut f = Fixture::new();
+    set_peer_flags(&mut f.ebpf, 2, PEER2, PEER_ENCRYPTED).unwrap();
+    let guard = programs::GUARD_INGRESS;
+    // Peer 2 is encrypted: plaintext VXLAN from its address naming it never enters.
+    let from2 = underlay_packet(PEER2, LOCAL, VXLAN_PORT, vni(1, 2));
+    assert_eq!(f.run(guard, &from2).0, TC_ACT_SHOT);
+    assert_eq!(
+        f.run(guard, &with_ip_options(from2.clone())).0,
+        TC_ACT_SHOT,
+        "IPv4 options (IHL 6)"
+    );
+    assert_eq!(f.counter(Counter::DropNotEncrypted), 2);
+    // Its ESP passes (XFRM decrypts it), as does what an SA of the agent decrypted
+    // and marked, should it pass this hook again.
+    assert_eq!(
+        f.run(guard, &with_protocol(from2.clone(), 50)).0,
+        TCX_NEXT,
+        "ESP"
+    );
+    assert_eq!(
+        f.run_marked(guard, &from2, IPSEC_MARK).0,
+        TCX_NEXT,
+        "decrypted"
+    );
+    // Peer 3 is not encrypted: its plaintext VXLAN is the decapsulation's to judge.
+    let from3 = underlay_packet(PEER3, LOCAL, VXLAN_PORT, vni(1, 3));
+    assert_eq!(f.run(guard, &from3).0, TCX_NEXT, "plain peer");
+    // Peer 2's ShortID from another address: not peer 2's traffic (the
+    // decapsulation drops the mismatch).
+    let spoofed = underlay_packet(PEER3, LOCAL, VXLAN_PORT, vni(1, 2));
+    assert_eq!(f.run(guard, &spoofed).0, TCX_NEXT, "source mismatch");
+    assert_eq!(f.counter(Counter::DropNotEncrypted), 2);
+    assert_eq!(f.counter(Counter::DropLeakGuard), 0);
 }
