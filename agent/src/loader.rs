@@ -310,6 +310,40 @@ pub struct Attached {
     pub replaced: Vec<&'static str>,
 }
 
+/// Loads `prog` (named `name`) into the kernel.
+fn load_program(prog: &mut SchedClassifier, name: &'static str) -> Result<(), LoaderError> {
+    prog.load().map_err(|source| {
+        if is_permission_error(&source) {
+            LoaderError::Permission
+        } else {
+            LoaderError::ProgramLoad { name, source }
+        }
+    })
+}
+
+/// Netlink mode: attaches `prog` as a filter named `name` on `hook` of `ifindex`,
+/// replacing a leftover one, and leaves it there when this process exits.
+fn attach_netlink(
+    prog: &mut SchedClassifier,
+    ifindex: u32,
+    hook: TcAttachType,
+    name: &'static str,
+) -> Result<(), LoaderError> {
+    let attach_err = |source| LoaderError::Attach {
+        name,
+        iface: ifindex,
+        source,
+    };
+    prepare_netlink(ifindex, hook, name)?;
+    let id = prog.attach(ifindex, hook).map_err(attach_err)?;
+    let link = prog.take_link(id).map_err(attach_err)?;
+    // The filter must outlive the process, and dropping its handle would delete
+    // it: the handle holds no resource of this process (only the interface,
+    // parent, priority and handle numbers), so forget it.
+    std::mem::forget(link);
+    Ok(())
+}
+
 /// The TC program `name` of `ebpf`.
 fn classifier<'a>(
     ebpf: &'a mut Ebpf,
@@ -327,13 +361,7 @@ fn classifier<'a>(
 /// stay attached after this process exits. Maps of other layouts are then removed.
 pub fn attach(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32) -> Result<Attached, LoaderError> {
     for (name, _) in HOOKS {
-        classifier(ebpf, name)?.load().map_err(|source| {
-            if is_permission_error(&source) {
-                LoaderError::Permission
-            } else {
-                LoaderError::ProgramLoad { name, source }
-            }
-        })?;
+        load_program(classifier(ebpf, name)?, name)?;
     }
     let mut attached = Attached::default();
     let mut pinned_now = Vec::new();
@@ -364,13 +392,7 @@ fn attach_all(
             source,
         };
         if !uses_tcx() {
-            prepare_netlink(ifindex, hook, name)?;
-            let id = prog.attach(ifindex, hook).map_err(attach_err)?;
-            let link = prog.take_link(id).map_err(attach_err)?;
-            // The filter must outlive the process, and dropping its handle would
-            // delete it: the handle holds no resource of this process (only the
-            // interface, parent, priority and handle numbers), so forget it.
-            std::mem::forget(link);
+            attach_netlink(prog, ifindex, hook, name)?;
             continue;
         }
         let path = pins.link(name);
@@ -441,26 +463,16 @@ const GUARD_HOOKS: [(&str, TcAttachType); 2] = [
 pub fn attach_guards(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32) -> Result<(), LoaderError> {
     for (name, hook) in GUARD_HOOKS {
         let prog = classifier(ebpf, name)?;
-        prog.load().map_err(|source| {
-            if is_permission_error(&source) {
-                LoaderError::Permission
-            } else {
-                LoaderError::ProgramLoad { name, source }
-            }
-        })?;
+        load_program(prog, name)?;
+        if !uses_tcx() {
+            attach_netlink(prog, ifindex, hook, name)?;
+            continue;
+        }
         let attach_err = |source| LoaderError::Attach {
             name,
             iface: ifindex,
             source,
         };
-        if !uses_tcx() {
-            prepare_netlink(ifindex, hook, name)?;
-            let id = prog.attach(ifindex, hook).map_err(attach_err)?;
-            let link = prog.take_link(id).map_err(attach_err)?;
-            // As in `attach_all`: the filter outlives the process.
-            std::mem::forget(link);
-            continue;
-        }
         let id = prog.attach(ifindex, hook).map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
         let fd_link = FdLink::try_from(link).map_err(|e| attach_err(ProgramError::from(e)))?;

@@ -564,9 +564,10 @@ struct Ready {
     fastdp: Option<(u8, FastdpForwarder)>,
     /// The fast datapath's IPsec (with a password).
     ipsec: Option<IpsecSession>,
-    /// Why the fast datapath is not established, when something is known (for
-    /// status).
-    fastdp_note: Option<String>,
+    /// The last IPsec error of the fast datapath (cleared by a success), for status.
+    ipsec_error: Option<String>,
+    /// The last heartbeat send error (cleared by a send that works), for status.
+    heartbeat_error: Option<String>,
     /// Reported established to the mesh.
     established: bool,
     /// The fast datapath carries the traffic now.
@@ -895,7 +896,8 @@ impl Node {
                     sleeve,
                     fastdp,
                     ipsec,
-                    fastdp_note: None,
+                    ipsec_error: None,
+                    heartbeat_error: None,
                     established: false,
                     on_fastdp: false,
                     healthy_since: None,
@@ -962,7 +964,7 @@ impl Node {
                     Some(Err(e)) => {
                         tracing::warn!("[{label}]: fastdp: IPsec: {e}");
                         if let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut()) {
-                            r.fastdp_note = Some(format!("IPsec: {e}"));
+                            r.ipsec_error = Some(e.to_string());
                         }
                     }
                     None => tracing::warn!(
@@ -1253,7 +1255,7 @@ impl Node {
                         Ok(_) => send_error = Some(None),
                         Err(e) => {
                             tracing::debug!("[{}]: fastdp heartbeat: {e}", r.label());
-                            send_error = Some(Some(format!("sending heartbeats: {e}")));
+                            send_error = Some(Some(e.to_string()));
                         }
                     }
                 }
@@ -1263,22 +1265,10 @@ impl Node {
         // ESP overhead) is why the fast datapath stays down: status says so.
         if let Some(error) = send_error
             && let Some(r) = self.conns.get_mut(&conn).and_then(|c| c.ready.as_mut())
+            && r.heartbeat_error != error
         {
-            let stale = r
-                .fastdp_note
-                .as_deref()
-                .is_some_and(|n| n.starts_with("sending heartbeats"));
-            match error {
-                Some(e) if r.fastdp_note.as_deref() != Some(e.as_str()) => {
-                    r.fastdp_note = Some(e);
-                    self.dirty = true;
-                }
-                None if stale => {
-                    r.fastdp_note = None;
-                    self.dirty = true;
-                }
-                _ => {}
-            }
+            r.heartbeat_error = error;
+            self.dirty = true;
         }
     }
 
@@ -1313,16 +1303,9 @@ impl Node {
             }
             Some(e) => {
                 tracing::warn!("[{}]: fastdp: IPsec: {e}", r.label());
-                r.fastdp_note = Some(format!("IPsec: {e}"));
+                r.ipsec_error = Some(e);
             }
-            None => {
-                if r.fastdp_note
-                    .as_deref()
-                    .is_some_and(|n| n.starts_with("IPsec: "))
-                {
-                    r.fastdp_note = None;
-                }
-            }
+            None => r.ipsec_error = None,
         }
         self.dirty = true;
     }
@@ -1481,7 +1464,15 @@ impl Node {
             let fastdp_note = match &self.fastdp_unavailable {
                 Some(reason) if r.key.is_some() => Some(reason.clone()),
                 _ if r.on_fastdp => None,
-                _ => r.fastdp_note.clone(),
+                _ => r
+                    .ipsec_error
+                    .as_ref()
+                    .map(|e| format!("IPsec: {e}"))
+                    .or_else(|| {
+                        r.heartbeat_error
+                            .as_ref()
+                            .map(|e| format!("sending heartbeats: {e}"))
+                    }),
             };
             if let Some(note) = fastdp_note {
                 conn.info.get_or_insert(format!("fastdp: {note}"));

@@ -32,6 +32,16 @@ fn start(tb: &mut Testbed, n: u8, peers: &[u8], extra: &[&str]) {
         .must(&format!("agent {n}"));
 }
 
+/// Starts agents with a password on hosts 1 and 2 (host 2 told host 1's address,
+/// both given `extra`) and waits until each shows its connection established over
+/// `overlay`; returns the two connections as host 1 and host 2 report them.
+fn start_pair(tb: &mut Testbed, extra: &[&str], overlay: &'static str) -> [serde_json::Value; 2] {
+    start(tb, 1, &[], extra);
+    start(tb, 2, &[1], extra);
+    [(1u8, 2u8), (2, 1)]
+        .map(|(n, peer)| wait_connection(tb, n, peer, ESTABLISH, established_over(overlay)))
+}
+
 /// Pods of hosts 1 and 2 ping each other and carry TCP both ways.
 fn check_pods(tb: &Testbed) {
     let (p1, p2) = (
@@ -134,10 +144,7 @@ fn encrypted_fast_datapath_carries_pods_over_esp_only() {
     let mut tb = bed(2, 1);
     let wire = WireCounters::install(&tb);
     let rekey = ["--ipsec-rekey-interval", "6"];
-    start(&mut tb, 1, &[], &rekey);
-    start(&mut tb, 2, &[1], &rekey);
-    for (n, peer) in [(1u8, 2u8), (2, 1)] {
-        let c = wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
+    for (n, c) in (1u8..).zip(start_pair(&mut tb, &rekey, "fastdp")) {
         assert_eq!(c["encrypted"], true, "host{n}: {c}");
     }
     let text = tb.status(1, &["connections"]).must("status connections");
@@ -250,10 +257,8 @@ fn xfrm_policy_flush_leaks_nothing_the_guard_drops_it() {
     }
     let mut tb = bed(2, 1);
     let wire = WireCounters::install(&tb);
-    start(&mut tb, 1, &[], &[]);
-    start(&mut tb, 2, &[1], &[]);
-    for (n, peer) in [(1u8, 2u8), (2, 1)] {
-        wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
+    start_pair(&mut tb, &[], "fastdp");
+    for n in [1u8, 2] {
         assert_eq!(guards(&tb, n), ["egress", "ingress"], "host{n}: guards");
     }
     check_pods(&tb);
@@ -293,11 +298,7 @@ fn esp_blocked_moves_to_the_encrypted_sleeve_and_back() {
     }
     let mut tb = bed(2, 1);
     let wire = WireCounters::install(&tb);
-    start(&mut tb, 1, &[], &[]);
-    start(&mut tb, 2, &[1], &[]);
-    for (n, peer) in [(1u8, 2u8), (2, 1)] {
-        wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
-    }
+    start_pair(&mut tb, &[], "fastdp");
     let host1 = tb.host(1).must("host").ns.clone();
     let blocked = Instant::now();
     let fw = Firewall::drop(&host1, &["meta l4proto esp"], &["meta l4proto esp"]);
@@ -336,10 +337,7 @@ fn without_esp_encrypted_peers_use_the_sleeve_and_say_why() {
         return;
     }
     let mut tb = bed(2, 1);
-    start(&mut tb, 1, &[], &[]);
-    start(&mut tb, 2, &[1], &[]);
-    for (n, peer) in [(1u8, 2u8), (2, 1)] {
-        let c = wait_connection(&tb, n, peer, ESTABLISH, established_over("sleeve"));
+    for (n, c) in (1u8..).zip(start_pair(&mut tb, &[], "sleeve")) {
         assert_eq!(c["encrypted"], true, "host{n}: {c}");
         let info = c["info"].as_str().unwrap_or_default();
         assert!(
@@ -371,11 +369,7 @@ fn xfrm_state_is_weft_s_own_and_goes_with_encryption_or_reset() {
     }
     let bin = agent_bin();
     let mut tb = bed(2, 1);
-    start(&mut tb, 1, &[], &[]);
-    start(&mut tb, 2, &[1], &[]);
-    for (n, peer) in [(1u8, 2u8), (2, 1)] {
-        wait_connection(&tb, n, peer, ESTABLISH, established_over("fastdp"));
-    }
+    start_pair(&mut tb, &[], "fastdp");
     let namespaces = [
         tb.host(1).must("host").ns.clone(),
         tb.host(2).must("host").ns.clone(),
