@@ -18,7 +18,7 @@
 //! before unpinning them.
 
 use std::{
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     path::Path,
     sync::{Arc, Mutex, PoisonError},
 };
@@ -35,6 +35,7 @@ use crate::{
     cli::{ResetArgs, RunArgs},
     control,
     datapath::{Datapath, LocalSettings, RemotePeer},
+    ipam::Blocks,
     loader::{self, PinDir},
     maps::BpfMaps,
     netdev::{self, Netdev},
@@ -114,6 +115,7 @@ type Shared = Arc<Mutex<State>>;
 /// `weft run`: sets up (or adopts) the datapath and runs the agent until SIGINT or
 /// SIGTERM, which leave the datapath forwarding.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    args.ipam()?;
     let (Some(peers_file), Some(name)) = (&args.peers_file, &args.name) else {
         return crate::node::run(args).await;
     };
@@ -160,7 +162,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 pub(crate) async fn underlay(
     args: &RunArgs,
     net: &Netdev,
-) -> anyhow::Result<(netdev::Link, Vec<(std::net::Ipv4Addr, u8)>)> {
+) -> anyhow::Result<(netdev::Link, Vec<(Ipv4Addr, u8)>)> {
     let underlay_name = match &args.iface {
         Some(name) => name.clone(),
         None => default_route_iface(net).await?,
@@ -415,7 +417,7 @@ pub(crate) struct LocalPeer {
     /// Its ShortID; `None`: keep an earlier run's, else pick one.
     pub(crate) short_id: Option<u16>,
     /// Its underlay address.
-    pub(crate) address: std::net::Ipv4Addr,
+    pub(crate) address: Ipv4Addr,
     /// The sleeve's TAP device, 0 without one.
     pub(crate) sleeve_ifindex: u32,
 }
@@ -504,6 +506,9 @@ pub(crate) async fn setup(
         ),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading the device's qdisc"),
     }
+    if let Some(blocks) = args.ipam()? {
+        expose(net, bridge.index, &blocks, short_id).await?;
+    }
     tracing::info!(
         name = %me.name,
         short_id,
@@ -517,6 +522,33 @@ pub(crate) async fn setup(
         "weft: datapath ready"
     );
     Ok((datapath, settings))
+}
+
+/// Puts the first address of this peer's IPAM block on the bridge, with the subnet's
+/// prefix (Weave's `weave expose`): the pods' gateway, and how the CNI plugin finds
+/// this node's block. Another address of the range (an earlier ShortID's block's) is
+/// removed.
+pub(crate) async fn expose(
+    net: &Netdev,
+    bridge: u32,
+    blocks: &Blocks,
+    short_id: u16,
+) -> anyhow::Result<Ipv4Addr> {
+    let addr = blocks.bridge_address(short_id);
+    let prefix = blocks.subnet().prefix();
+    let range = blocks.range();
+    let changed = net
+        .set_ipv4_address(bridge, addr, prefix, |a| range.contains(a))
+        .await
+        .with_context(|| format!("putting {addr}/{prefix} on the bridge"))?;
+    let (first, last) = blocks.block(short_id);
+    tracing::info!(
+        bridge_address = %format!("{addr}/{prefix}"),
+        block = %format!("{first}-{last}"),
+        changed,
+        "IPAM: this peer's block"
+    );
+    Ok(addr)
 }
 
 /// The peers as the datapath needs them.

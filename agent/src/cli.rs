@@ -3,11 +3,14 @@
 //! ```text
 //! weft run [--name PEERNAME] [--nickname NICK] [--password-file FILE] [--no-fastdp]
 //!          [--iface IFACE] [--mtu N] [--bridge NAME] [--port N] [--socket PATH]
-//!          [--http-addr ADDR] [--status-addr ADDR] [--bpffs PATH] [PEER...]
+//!          [--http-addr ADDR] [--status-addr ADDR] [--bpffs PATH]
+//!          [--ipalloc-range CIDR [--ipalloc-default-subnet CIDR]] [PEER...]
 //! weft run --name PEERNAME --peers-file FILE [...]          (static peers, no mesh)
 //! weft connect PEER... | weft forget PEER...               (the running agent's targets)
 //! weft status [connections|peers] [--json] [--socket PATH]
 //! weft reset [--bridge NAME] [--socket PATH] [--bpffs PATH]
+//! weft install-cni [--bin-dir DIR] [--conf-dir DIR] [--ipalloc-range CIDR]
+//! weft-cni                                   (the CNI plugin: CNI_* env, config on stdin)
 //! ```
 //!
 //! As with `weave launch`, a PEER is `host[:port]` (port 6783 by default) and the
@@ -18,7 +21,11 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use weft_common::wire::{CONTROL_PORT, DEFAULT_MTU};
 
-use crate::{control::DEFAULT_SOCKET, peers::PeerName};
+use crate::{
+    control::DEFAULT_SOCKET,
+    ipam::{Blocks, DEFAULT_RANGE, IpamError, Ipv4Net},
+    peers::PeerName,
+};
 
 /// Smallest accepted overlay MTU (the IPv4 minimum datagram every host must accept).
 pub const MIN_MTU: u16 = 576;
@@ -55,6 +62,9 @@ pub enum Command {
     /// Remove everything weft set up in this network namespace (programs, maps,
     /// devices), as `weave reset` does. The agent must be stopped first.
     Reset(ResetArgs),
+    /// Install the CNI plugin (this binary, as `weft-cni`) and its network
+    /// configuration, each atomically: a DaemonSet's init step.
+    InstallCni(InstallCniArgs),
 }
 
 /// Options of `weft run`.
@@ -132,6 +142,44 @@ pub struct RunArgs {
     /// (development, and tests of upgrades between different programs).
     #[arg(long, value_name = "FILE", hide = true)]
     pub ebpf_object: Option<PathBuf>,
+    /// Allocate pod addresses from this range (Weave's `--ipalloc-range`; IPAM is
+    /// off without it): each peer owns the 1/4096th of it its ShortID names, puts the
+    /// first address of that block on the bridge, and the `weft-cni` plugin hands
+    /// out the rest. The prefix must be /18 or shorter.
+    #[arg(long, value_name = "CIDR", env = "IPALLOC_RANGE", value_parser = parse_net)]
+    pub ipalloc_range: Option<Ipv4Net>,
+    /// The subnet pods and the bridge are in (Weave's `--ipalloc-default-subnet`): it
+    /// must contain --ipalloc-range [default: the range itself]. A subnet bigger than
+    /// the range shares one segment with Weave routers allocating from another part.
+    #[arg(long, value_name = "CIDR", requires = "ipalloc_range", value_parser = parse_net)]
+    pub ipalloc_default_subnet: Option<Ipv4Net>,
+}
+
+impl RunArgs {
+    /// The IPAM blocks, when `--ipalloc-range` is given.
+    pub fn ipam(&self) -> Result<Option<Blocks>, IpamError> {
+        self.ipalloc_range
+            .map(|range| Blocks::new(range, self.ipalloc_default_subnet))
+            .transpose()
+    }
+}
+
+/// Options of `weft install-cni`.
+#[derive(Debug, Args)]
+pub struct InstallCniArgs {
+    /// Where the plugin binary goes (as `weft-cni`).
+    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// Where the network configuration goes (as `10-weft.conflist`).
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// The agents' allocation range, written into the configuration (it must be the
+    /// one `weft run` is given).
+    #[arg(long, value_name = "CIDR", env = "IPALLOC_RANGE", default_value = DEFAULT_RANGE, value_parser = parse_net)]
+    pub ipalloc_range: Ipv4Net,
+    /// The bridge pods attach to (as `weft run --bridge`).
+    #[arg(long, value_name = "NAME", default_value = "weave", value_parser = parse_ifname)]
+    pub bridge: String,
 }
 
 /// Options of `weft connect` and `weft forget`.
@@ -201,6 +249,11 @@ pub fn parse_target(s: &str) -> Result<String, String> {
         }
     }
     Ok(s.to_owned())
+}
+
+/// An IPv4 CIDR with no host bits set.
+fn parse_net(s: &str) -> Result<Ipv4Net, String> {
+    s.parse().map_err(|e: IpamError| e.to_string())
 }
 
 /// A listening address, or none (the endpoint is turned off).
@@ -474,6 +527,45 @@ mod tests {
 
         let e = status(&["dns"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn ipalloc_flags() {
+        let r = mesh(&[
+            "--ipalloc-range",
+            "10.40.0.0/13",
+            "--ipalloc-default-subnet",
+            "10.32.0.0/12",
+        ])
+        .unwrap();
+        let blocks = r.ipam().unwrap().unwrap();
+        assert_eq!(blocks.range().to_string(), "10.40.0.0/13");
+        assert_eq!(blocks.subnet().to_string(), "10.32.0.0/12");
+        // Checked by clap: syntax and host bits; by ipam(): size and containment.
+        assert!(mesh(&["--ipalloc-range", "10.40.0.1/13"]).is_err());
+        assert!(mesh(&["--ipalloc-range", "bogus"]).is_err());
+        assert!(mesh(&["--ipalloc-default-subnet", "10.32.0.0/12"]).is_err());
+        let small = mesh(&["--ipalloc-range", "10.40.0.0/20"]).unwrap();
+        assert!(small.ipam().unwrap_err().to_string().contains("too small"));
+        let outside = mesh(&[
+            "--ipalloc-range",
+            "10.40.0.0/13",
+            "--ipalloc-default-subnet",
+            "10.32.0.0/13",
+        ])
+        .unwrap();
+        assert!(outside.ipam().is_err());
+        let install = |args: &[&str]| {
+            let args = ["weft", "install-cni"].iter().chain(args);
+            match Cli::try_parse_from(args)?.command {
+                Command::InstallCni(a) => Ok(a),
+                other => panic!("{other:?}"),
+            }
+        };
+        let i: InstallCniArgs = install(&[]).map_err(|e: clap::Error| e).unwrap();
+        assert_eq!(i.bin_dir, PathBuf::from("/opt/cni/bin"));
+        assert_eq!(i.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert!(install(&["--ipalloc-range", "x"]).is_err());
     }
 
     #[test]

@@ -5,20 +5,25 @@
 //!   datapath outlives it; the next `weft run` adopts it.
 //! - `weft status` asks a running agent and prints Weave-style status.
 //! - `weft reset` removes the datapath.
+//! - `weft install-cni` installs the CNI plugin, which is this binary run as
+//!   `weft-cni`.
 //!
 //! Modules, one concern each: [`cli`] (arguments), [`peers`] (the static peers file),
 //! [`netdev`] (links via rtnetlink), [`loader`] (eBPF load/attach),
 //! [`maps`] (the map chokepoint), [`datapath`] (desired state -> maps), [`control`]
 //! (the local socket), [`status`] (Weave-style output), [`api`] (Weave's HTTP status
 //! endpoints), [`metrics`] (Prometheus), [`xfrm`] (IPsec SAs and policies),
-//! [`agent`] (the lifecycle).
+//! [`agent`] (the lifecycle), [`ipam`] (address blocks and
+//! allocations), [`cni`] (the CNI plugin).
 
 mod agent;
 mod api;
 mod cli;
+mod cni;
 mod control;
 mod datapath;
 mod esp;
+mod ipam;
 mod loader;
 mod maps;
 mod metrics;
@@ -47,6 +52,9 @@ use tracing_subscriber::{
 use crate::cli::{Cli, Command, StatusArgs, StatusWhat};
 
 fn main() -> ExitCode {
+    if cni::is_plugin_invocation() {
+        return cni::main();
+    }
     let cli = Cli::parse();
     // `WEFT_LOG=debug`, or directives like `WEFT_LOG=weft=debug,aya=info`.
     // tracing's `Targets` takes the same `weft=debug,aya=info` directives (and a bare
@@ -93,6 +101,7 @@ fn main() -> ExitCode {
             Command::Forget(args) => control::targets(&args.socket, false, &args.peers)
                 .await
                 .map_err(Into::into),
+            Command::InstallCni(args) => cni::install(&args),
         }
     });
     match result {

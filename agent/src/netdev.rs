@@ -10,9 +10,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVxlan, RouteMessageBuilder,
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
     packet_route::{
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressMessage},
         link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
         route::{RouteAddress, RouteAttribute},
         tc::TcAttribute,
@@ -466,5 +466,143 @@ impl Netdev {
             }
         }
         Ok(out)
+    }
+
+    /// The address messages of a link's IPv4 addresses, with the address and prefix.
+    async fn ipv4_address_messages(
+        &self,
+        index: u32,
+    ) -> Result<Vec<(Ipv4Addr, u8, AddressMessage)>, NetdevError> {
+        let mut out = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| NetdevError::Request("listing addresses".to_owned(), e))?
+        {
+            let addr = msg.attributes.iter().find_map(|attr| match attr {
+                AddressAttribute::Address(IpAddr::V4(a)) => Some(*a),
+                _ => None,
+            });
+            if let Some(a) = addr
+                && msg.header.index == index
+            {
+                let prefix = msg.header.prefix_len;
+                out.push((a, prefix, msg));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts `addr/prefix` on a link, removing the link's other IPv4 addresses for
+    /// which `stale` holds (an earlier block's address, say). Returns whether
+    /// anything changed.
+    pub async fn set_ipv4_address(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+        stale: impl Fn(Ipv4Addr) -> bool,
+    ) -> Result<bool, NetdevError> {
+        let mut present = false;
+        let mut changed = false;
+        for (a, p, msg) in self.ipv4_address_messages(index).await? {
+            if a == addr && p == prefix {
+                present = true;
+            } else if stale(a) || a == addr {
+                match self.handle.address().del(msg).execute().await {
+                    Err(e) if !is_not_found(&e) => {
+                        return Err(NetdevError::Request(
+                            format!("removing {a}/{p} from link {index}"),
+                            e,
+                        ));
+                    }
+                    _ => changed = true,
+                }
+            }
+        }
+        if !present {
+            self.add_ipv4_address(index, addr, prefix).await?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Adds `addr/prefix` to a link.
+    pub async fn add_ipv4_address(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetdevError> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(addr), prefix)
+            .execute()
+            .await
+            .map_err(|e| NetdevError::Request(format!("adding {addr}/{prefix} to link {index}"), e))
+    }
+
+    /// Creates a veth pair `name` - `peer` (both down) and returns the link `name`.
+    pub async fn create_veth(&self, name: &str, peer: &str) -> Result<Link, NetdevError> {
+        self.handle
+            .link()
+            .add(LinkVeth::new(name, peer).build())
+            .execute()
+            .await
+            .map_err(|e| NetdevError::Request(format!("creating veth {name}"), e))?;
+        self.link(name)
+            .await?
+            .ok_or_else(|| NetdevError::NoSuchInterface(name.to_owned()))
+    }
+
+    /// Moves a link into the network namespace open as `netns_fd`, renaming it to
+    /// `new_name` on the way (the kernel does both in one step).
+    pub async fn move_to_netns(
+        &self,
+        index: u32,
+        netns_fd: std::os::fd::RawFd,
+        new_name: &str,
+    ) -> Result<(), NetdevError> {
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(netns_fd)
+                    .name(new_name.to_owned())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| {
+                NetdevError::Request(
+                    format!("moving link {index} into the container as {new_name}"),
+                    e,
+                )
+            })
+    }
+
+    /// Adds the IPv4 default route via `gateway`, out of link `index`.
+    pub async fn add_default_route(
+        &self,
+        index: u32,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetdevError> {
+        self.handle
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .output_interface(index)
+                    .gateway(gateway)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| NetdevError::Request(format!("adding the default route via {gateway}"), e))
     }
 }

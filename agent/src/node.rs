@@ -419,6 +419,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         dialling: 0,
         next_snapshot: now,
         dirty: true,
+        ipam: args.ipam()?,
+        bridge: args.bridge.clone(),
+        net: net.clone(),
     };
     let actions = node.mesh.add_targets(now, targets, false);
     node.apply(actions, now);
@@ -631,6 +634,12 @@ struct Node {
     next_snapshot: Instant,
     /// The datapath, the sleeve's peers or the status need a refresh.
     dirty: bool,
+    /// Netlink, for the bridge's address.
+    net: Netdev,
+    /// The bridge's name.
+    bridge: String,
+    /// The IPAM blocks (`--ipalloc-range`).
+    ipam: Option<crate::ipam::Blocks>,
 }
 
 impl Node {
@@ -1379,6 +1388,25 @@ impl Node {
             );
             self.settings.short_id = id;
             self.identity.short_id = Some(id);
+            if let Some(blocks) = self.ipam {
+                // The block moves with the ShortID: so does the bridge's address.
+                let (net, bridge) = (self.net.clone(), self.bridge.clone());
+                tokio::spawn(async move {
+                    let exposed = async {
+                        let link = net
+                            .link(&bridge)
+                            .await?
+                            .ok_or_else(|| anyhow::anyhow!("the bridge {bridge} is gone"))?;
+                        agent::expose(&net, link.index, &blocks, id).await
+                    };
+                    if let Err(e) = exposed.await {
+                        tracing::error!(
+                            error = %format!("{e:#}"),
+                            "moving the bridge's address to the new ShortID's block failed"
+                        );
+                    }
+                });
+            }
         }
         let mut desired: BTreeMap<ShortId, RemotePeer> = BTreeMap::new();
         let mut sleeve_peers = Vec::new();
