@@ -10,6 +10,8 @@
 //! - A real Weave Net router on a host ([`weaver`]): [`Testbed::start_weaver`],
 //!   [`Weaver::wait_connection_established`], [`Weaver::status_text`],
 //!   [`Weaver::report_json`]; binary from `WEFT_WEAVER` ([`skip_without_weaver`]).
+//! - The CNI plugin called as a runtime calls it ([`cni`]): [`CniCall`],
+//!   [`Testbed::cni_add`].
 //! - Hygiene: [`cleanup_stale`] removes leftovers of crashed runs;
 //!   [`install_interrupt_handler`] lets a driver tear down on Ctrl-C.
 //!
@@ -21,6 +23,7 @@ pub mod agent;
 pub mod bench_topology;
 pub mod bpf;
 pub mod cmd;
+pub mod cni;
 pub mod demo;
 pub mod netns;
 pub mod pcap;
@@ -33,6 +36,7 @@ pub mod weaver;
 
 pub use agent::AgentExit;
 pub use bpf::{TcxProg, attached_programs, prog_exists, tcx_programs, tcx_supported};
+pub use cni::{CniCall, CniContainer, CniOutcome, net_conf};
 pub use demo::demo;
 pub use pcap::{Capture, Packet};
 pub use peers::{peers_toml, write_peers_file};

@@ -446,7 +446,7 @@ impl Testbed {
 
     /// Creates namespace `name` (recorded for teardown), with loopback up and IPv6 off
     /// (no router solicitations or MLD reports in captures).
-    fn add_namespace(&mut self, name: &str) -> Result<()> {
+    pub(crate) fn add_namespace(&mut self, name: &str) -> Result<()> {
         run_args("ip", &["netns", "add", name])?;
         self.namespaces.push(name.to_string());
         run_in(

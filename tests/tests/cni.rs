@@ -1,0 +1,452 @@
+//! The CNI plugin (`weft-cni`) and IPAM (`weft run --ipalloc-range`): the plugin called
+//! as a runtime calls it on hosts running agents, its error handling, and network
+//! policy through iptables on the bridge. Need root and `WEFT_AGENT_BIN`.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
+use serde_json::Value;
+use weft_testbed::{
+    CniCall, CniContainer, Testbed, net_conf, ns_exec, ping_unanswered, tcp_transfer, wait_ping,
+};
+
+/// weft's half of a subnet shared with Weave (whose routers would take 10.32.0.0/13).
+const RANGE: &str = "10.40.0.0/13";
+const SUBNET: &str = "10.32.0.0/12";
+/// Addresses per block of [`RANGE`]: 2^19 / 4096.
+const BLOCK: u32 = 128;
+const ESTABLISH: Duration = Duration::from_secs(20);
+
+fn ipam_args() -> [&'static str; 4] {
+    ["--ipalloc-range", RANGE, "--ipalloc-default-subnet", SUBNET]
+}
+
+/// Starts mesh agents with IPAM on hosts 1..=n (each told about host 1) and waits for
+/// their connections to host 1.
+fn start_ipam_mesh(tb: &mut Testbed, bin: &Path, n: u8) {
+    for h in 1..=n {
+        let peers: &[u8] = if h == 1 { &[] } else { &[1] };
+        tb.start_mesh_agent(h, bin, peers, &ipam_args())
+            .must(&format!("agent {h}"));
+    }
+    for h in 2..=n {
+        wait_connection(tb, h, 1, ESTABLISH, established_over("fastdp"));
+    }
+}
+
+/// The IPv4 addresses (with prefix) on host `n`'s bridge.
+fn bridge_addresses(tb: &Testbed, n: u8) -> Vec<(Ipv4Addr, u8)> {
+    let ns = &tb.host(n).must("host").ns;
+    let out = ns_exec(ns, &["ip", "-4", "-o", "addr", "show", "dev", "weave"]).must("ip addr");
+    out.split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "inet")
+        .filter_map(|w| {
+            let (a, p) = w[1].split_once('/')?;
+            Some((a.parse().ok()?, p.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Host `n`'s veth names starting with `vethwft`.
+fn cni_veths(tb: &Testbed, n: u8) -> Vec<String> {
+    let ns = &tb.host(n).must("host").ns;
+    weft_testbed::links_with_prefix(ns, "vethwft").must("links")
+}
+
+/// The allocation files (addresses) of network `weave` under `data_dir`.
+fn allocations(data_dir: &Path) -> BTreeSet<Ipv4Addr> {
+    match std::fs::read_dir(data_dir.join("weave")) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+fn call<'a>(
+    bin: &'a Path,
+    host_ns: &'a str,
+    command: &'a str,
+    c: &'a CniContainer,
+    conf: &'a str,
+) -> CniCall<'a> {
+    CniCall {
+        bin,
+        host_ns,
+        command,
+        id: &c.id,
+        netns: Some(&c.netns),
+        ifname: "eth0",
+        conf,
+        env: &[],
+    }
+}
+
+/// `weft install-cni` into temp dirs: returns (plugin path, conflist JSON).
+fn install_cni(bin: &Path, dir: &Path) -> (PathBuf, Value) {
+    let out = std::process::Command::new(bin)
+        .arg("install-cni")
+        .arg("--bin-dir")
+        .arg(dir.join("bin"))
+        .arg("--conf-dir")
+        .arg(dir.join("net.d"))
+        .args(["--ipalloc-range", RANGE])
+        .env_remove("IPALLOC_RANGE")
+        .output()
+        .expect("running install-cni");
+    assert!(out.status.success(), "install-cni: {out:?}");
+    let plugin = dir.join("bin").join("weft-cni");
+    assert_eq!(
+        std::fs::read(&plugin).expect("installed plugin"),
+        std::fs::read(bin).expect("agent binary"),
+        "the plugin is a copy of the binary"
+    );
+    let conf: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("net.d").join("10-weft.conflist")).expect("conflist"),
+    )
+    .expect("conflist is JSON");
+    assert_eq!(conf["cniVersion"], "1.0.0");
+    assert_eq!(conf["plugins"][0]["type"], "weft-cni");
+    assert_eq!(conf["plugins"][0]["ipallocRange"], RANGE);
+    // Nothing but the two files (no temp files left).
+    for sub in ["bin", "net.d"] {
+        let n = std::fs::read_dir(dir.join(sub)).expect("dir").count();
+        assert_eq!(n, 1, "{sub}");
+    }
+    (plugin, conf)
+}
+
+/// Three hosts with IPAM agents, two containers each made by the plugin (installed by
+/// `weft install-cni`, called by its `weft-cni` name): addresses from each host's
+/// block, all-to-all ping, TCP across hosts, CHECK, DEL (twice, after the netns is
+/// gone, after a half-failed ADD), the address coming back, and allocations surviving
+/// an agent restart.
+#[test]
+fn plugin_attaches_containers_on_three_hosts() {
+    let bin = agent_bin();
+    let mut tb = bed(3, 0);
+    start_ipam_mesh(&mut tb, &bin, 3);
+    let (plugin, _) = install_cni(&bin, &tb.dir().join("cni"));
+    let data = tb.dir().join("ipam");
+    let conf = net_conf(&data, RANGE);
+
+    // Each bridge: one address, in the range, the subnet's prefix, blocks distinct.
+    let mut gateways = Vec::new();
+    for n in 1..=3 {
+        let addrs = bridge_addresses(&tb, n);
+        assert_eq!(addrs.len(), 1, "host {n}: {addrs:?}");
+        let (a, p) = addrs[0];
+        assert_eq!(p, 12, "host {n}: the subnet's prefix");
+        let off = u32::from(a) - u32::from(Ipv4Addr::new(10, 40, 0, 0));
+        assert!(
+            off < 1 << 19 && off % BLOCK == 0,
+            "host {n}: {a} starts a block"
+        );
+        assert!(!gateways.contains(&a), "host {n}: {a} taken twice");
+        gateways.push(a);
+    }
+
+    let mut containers = Vec::new();
+    for n in 1..=3u8 {
+        for i in 1..=2 {
+            let c = tb
+                .cni_add(&plugin, n, &format!("c{n}{i}"), &conf)
+                .must("ADD");
+            let gw = gateways[usize::from(n) - 1];
+            let a = c.pod.addr;
+            assert!(
+                u32::from(a) > u32::from(gw) && u32::from(a) < u32::from(gw) + BLOCK,
+                "host {n}: {a} not in the block of {gw}"
+            );
+            assert_eq!(c.result["ips"][0]["gateway"], gw.to_string());
+            assert_eq!(c.result["ips"][0]["address"], format!("{a}/12"));
+            assert_eq!(c.result["cniVersion"], "1.0.0");
+            assert_eq!(c.result["interfaces"][1]["sandbox"], c.netns.as_str());
+            assert_eq!(c.result["interfaces"][1]["mtu"], 1376, "the bridge's MTU");
+            containers.push(c);
+        }
+    }
+    let addrs: BTreeSet<_> = containers.iter().map(|c| c.pod.addr).collect();
+    assert_eq!(addrs.len(), 6, "distinct addresses: {addrs:?}");
+    assert_eq!(allocations(&data), addrs);
+    for n in 1..=3 {
+        assert_eq!(cni_veths(&tb, n).len(), 2, "host {n}");
+    }
+
+    for from in &containers {
+        for to in &containers {
+            if from.id != to.id {
+                wait_ping(&from.pod, to.pod.addr, FIRST_CONTACT)
+                    .must(&format!("{} -> {}", from.id, to.id));
+            }
+        }
+    }
+    for (a, b) in [(0, 2), (2, 4), (4, 1)] {
+        let t = tcp_transfer(&containers[a].pod, &containers[b].pod, 2 << 20).must("tcp");
+        assert_eq!(t.bytes_received, 2 << 20);
+    }
+
+    // CHECK with the ADD result passes; with another address it fails.
+    let host1 = tb.host(1).must("host").ns.clone();
+    let c11 = containers[0].clone();
+    let with_prev = |prev: &Value| {
+        let mut v: Value = serde_json::from_str(&conf).unwrap();
+        v["prevResult"] = prev.clone();
+        v.to_string()
+    };
+    let good = with_prev(&c11.result);
+    let out = call(&plugin, &host1, "CHECK", &c11, &good)
+        .run()
+        .must("CHECK");
+    assert!(out.success, "{out:?}");
+    let mut wrong = c11.result.clone();
+    wrong["ips"][0]["address"] = Value::from("10.40.0.99/12");
+    let out = call(&plugin, &host1, "CHECK", &c11, &with_prev(&wrong))
+        .run()
+        .must("CHECK");
+    assert!(!out.success && out.error_code().is_some(), "{out:?}");
+
+    // DEL: the address is released, the veth gone; DEL again succeeds.
+    for _ in 0..2 {
+        let out = call(&plugin, &host1, "DEL", &c11, &good).run().must("DEL");
+        assert!(out.success, "{out:?}");
+        assert!(!allocations(&data).contains(&c11.pod.addr));
+        assert_eq!(cni_veths(&tb, 1).len(), 1);
+    }
+    // The lowest free address comes back to the next container.
+    let again = tb.cni_add(&plugin, 1, "c13", &conf).must("ADD again");
+    assert_eq!(again.pod.addr, c11.pod.addr);
+    wait_ping(&again.pod, containers[5].pod.addr, FIRST_CONTACT).must("reused address");
+
+    // A half-failed ADD (its netns does not exist) leaves nothing; DEL succeeds.
+    let before = allocations(&data);
+    let ghost = CniContainer {
+        netns: "/run/netns/weft-test-no-such-netns".into(),
+        id: format!("{}-ghost", tb.prefix()),
+        ..again.clone()
+    };
+    let out = call(&plugin, &host1, "ADD", &ghost, &conf)
+        .run()
+        .must("ADD");
+    assert!(!out.success, "{out:?}");
+    assert_eq!(out.error_code(), Some(3), "container unknown: {out:?}");
+    assert_eq!(allocations(&data), before);
+    assert_eq!(cni_veths(&tb, 1).len(), 2);
+    let out = call(&plugin, &host1, "DEL", &ghost, &conf)
+        .run()
+        .must("DEL");
+    assert!(out.success, "{out:?}");
+
+    // DEL after the netns vanished (its runtime deleted it first).
+    let c12 = containers[1].clone();
+    weft_testbed::cmd::run_args("ip", &["netns", "del", &c12.pod.ns]).must("netns del");
+    let out = call(&plugin, &host1, "DEL", &c12, &conf).run().must("DEL");
+    assert!(out.success, "{out:?}");
+    assert!(!allocations(&data).contains(&c12.pod.addr));
+    assert_eq!(cni_veths(&tb, 1).len(), 1);
+
+    // The agent restarts: the bridge keeps its address, allocations stay, a new
+    // container gets a free address and reaches the others.
+    tb.stop_agent(1).must("stop");
+    tb.start_mesh_agent(1, &bin, &[], &ipam_args())
+        .must("restart");
+    assert_eq!(bridge_addresses(&tb, 1), vec![(gateways[0], 12)]);
+    let held = allocations(&data);
+    assert!(held.contains(&again.pod.addr), "{held:?}");
+    let late = tb
+        .cni_add(&plugin, 1, "c14", &conf)
+        .must("ADD after restart");
+    assert!(
+        !held.contains(&late.pod.addr),
+        "{} was taken",
+        late.pod.addr
+    );
+    assert_eq!(late.pod.addr, c12.pod.addr, "the lowest free address");
+    for to in [&containers[2], &containers[5]] {
+        wait_ping(&late.pod, to.pod.addr, ESTABLISH).must("after restart");
+    }
+}
+
+/// Bad input gets CNI error JSON and exit status 1, never a panic; an agent without
+/// a bridge address yet is "try again later" (11).
+#[test]
+fn plugin_errors_are_cni_errors() {
+    let bin = agent_bin();
+    let mut tb = bed(1, 0);
+    let host = tb.host(1).must("host").ns.clone();
+    let data = tb.dir().join("ipam");
+    let conf = net_conf(&data, RANGE);
+    let netns = format!("/run/netns/{}", tb.add_container_netns("c1").must("netns"));
+    let id = format!("{}-c1", tb.prefix());
+    let base = CniCall {
+        bin: &bin,
+        host_ns: &host,
+        command: "ADD",
+        id: &id,
+        netns: Some(&netns),
+        ifname: "eth0",
+        conf: &conf,
+        env: &[],
+    };
+    let expect = |call: CniCall, code: u64, what: &str| {
+        let out = call.run().must(what);
+        assert!(!out.success, "{what}: {out:?}");
+        assert_eq!(out.error_code(), Some(code), "{what}: {out:?}");
+        assert!(
+            out.json["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
+        assert!(!out.stderr.contains("panicked"), "{what}: {}", out.stderr);
+        out
+    };
+    // The testbed's bridge has no address: no agent has exposed its block.
+    let out = expect(CniCall { ..base }, 11, "no bridge address");
+    assert!(
+        out.json["msg"]
+            .as_str()
+            .unwrap()
+            .contains("the weft agent has not set up the bridge yet"),
+        "{out:?}"
+    );
+    for garbage in ["", "garbage", "{\"cniVersion\":", "[]", "\u{0}\u{1}"] {
+        expect(
+            CniCall {
+                conf: garbage,
+                ..base
+            },
+            6,
+            "garbage stdin",
+        );
+    }
+    expect(
+        CniCall {
+            conf: r#"{"cniVersion":"9.9.9","name":"weave"}"#,
+            ..base
+        },
+        1,
+        "unsupported version",
+    );
+    expect(
+        CniCall {
+            conf: r#"{"cniVersion":"1.0.0","name":"weave","ipallocRange":"10.40.0.0/24"}"#,
+            ..base
+        },
+        7,
+        "range too small",
+    );
+    for var in ["CNI_IFNAME", "CNI_CONTAINERID", "CNI_NETNS"] {
+        expect(
+            CniCall {
+                env: &[(var, "")],
+                ..base
+            },
+            4,
+            var,
+        );
+    }
+    expect(
+        CniCall {
+            command: "FROB",
+            ..base
+        },
+        4,
+        "unknown command",
+    );
+    // VERSION needs no config.
+    let out = CniCall {
+        command: "VERSION",
+        conf: "",
+        ..base
+    }
+    .run()
+    .must("VERSION");
+    assert!(out.success, "{out:?}");
+    assert_eq!(
+        out.json["supportedVersions"],
+        serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+    );
+    // Nothing was allocated or created by the failures.
+    assert!(allocations(&data).is_empty());
+    assert!(cni_veths(&tb, 1).is_empty());
+}
+
+/// Network policy as Weave's controller enforces it: with bridge-nf-call-iptables on
+/// in the nodes, an iptables FORWARD rule dropping one container's source address
+/// blocks that container's traffic to other nodes' containers, and no one else's.
+#[test]
+fn iptables_forward_rule_blocks_one_container() {
+    let bin = agent_bin();
+    // br_netfilter may be built in (its sysctls exist) or a module.
+    let bridge_nf = || Path::new("/proc/sys/net/bridge").exists();
+    if !bridge_nf() {
+        let _ = std::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    if !bridge_nf() {
+        println!("SKIPPED: the br_netfilter module is not available");
+        return;
+    }
+    let mut tb = bed(2, 0);
+    for n in 1..=2 {
+        let ns = tb.host(n).must("host").ns.clone();
+        ns_exec(
+            &ns,
+            &["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1"],
+        )
+        .must("sysctl");
+    }
+    start_ipam_mesh(&mut tb, &bin, 2);
+    let data = tb.dir().join("ipam");
+    let conf = net_conf(&data, RANGE);
+    let a = tb.cni_add(&bin, 1, "pa", &conf).must("ADD a");
+    let b = tb.cni_add(&bin, 1, "pb", &conf).must("ADD b");
+    let c = tb.cni_add(&bin, 2, "pc", &conf).must("ADD c");
+    for from in [&a, &b] {
+        wait_ping(&from.pod, c.pod.addr, FIRST_CONTACT).must("before the rule");
+    }
+    for n in 1..=2 {
+        let ns = tb.host(n).must("host").ns.clone();
+        ns_exec(
+            &ns,
+            &[
+                "iptables",
+                "-I",
+                "FORWARD",
+                "-s",
+                &a.pod.addr.to_string(),
+                "-j",
+                "DROP",
+            ],
+        )
+        .must("iptables");
+    }
+    ping_unanswered(&a.pod, c.pod.addr, 3).must("a is blocked");
+    wait_ping(&b.pod, c.pod.addr, FIRST_CONTACT).must("b still reaches c");
+    wait_ping(&c.pod, b.pod.addr, FIRST_CONTACT).must("c still reaches b");
+    let t = tcp_transfer(&b.pod, &c.pod, 1 << 20).must("tcp b -> c");
+    assert_eq!(t.bytes_received, 1 << 20);
+    // The rule counted a's packets.
+    let ns1 = tb.host(1).must("host").ns.clone();
+    let counters = ns_exec(&ns1, &["iptables", "-v", "-n", "-x", "-L", "FORWARD"]).must("list");
+    let line = counters
+        .lines()
+        .find(|l| l.contains(&a.pod.addr.to_string()))
+        .expect("the rule");
+    let packets: u64 = line
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    assert!(packets >= 3, "{counters}");
+}
