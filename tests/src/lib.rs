@@ -11,7 +11,7 @@
 //!   [`Weaver::wait_connection_established`], [`Weaver::status_text`],
 //!   [`Weaver::report_json`]; binary from `WEFT_WEAVER` ([`skip_without_weaver`]).
 //! - The CNI plugin called as a runtime calls it ([`cni`]): [`CniCall`],
-//!   [`Testbed::cni_add`].
+//!   [`Testbed::cni_add`]; by podman: [`podman::Podman`].
 //! - Hygiene: [`cleanup_stale`] removes leftovers of crashed runs;
 //!   [`install_interrupt_handler`] lets a driver tear down on Ctrl-C.
 //!
@@ -28,6 +28,7 @@ pub mod demo;
 pub mod netns;
 pub mod pcap;
 pub mod peers;
+pub mod podman;
 pub mod signal;
 pub mod synthetic;
 pub mod testbed;

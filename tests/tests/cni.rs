@@ -14,7 +14,8 @@ use std::{
 use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
 use serde_json::Value;
 use weft_testbed::{
-    CniCall, CniContainer, Testbed, net_conf, ns_exec, ping_unanswered, tcp_transfer, wait_ping,
+    CniCall, CniContainer, Testbed, net_conf, ns_exec, ping_unanswered, podman::Podman,
+    tcp_transfer, wait_ping,
 };
 
 /// weft's half of a subnet shared with Weave (whose routers would take 10.32.0.0/13).
@@ -449,4 +450,59 @@ fn iptables_forward_rule_blocks_one_container() {
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     assert!(packets >= 3, "{counters}");
+}
+
+/// The plugin called by a real runtime: podman (CNI backend) starts containers on two
+/// hosts running IPAM agents; they get addresses from their host's block, ping each
+/// other and fetch a file over TCP; `podman rm` releases the address and the veth.
+#[test]
+fn podman_runs_containers_on_the_plugin() {
+    let bin = agent_bin();
+    let missing = Podman::missing_tools();
+    if !missing.is_empty() {
+        println!("SKIPPED: podman test needs {}", missing.join(", "));
+        return;
+    }
+    let mut tb = bed(2, 0);
+    start_ipam_mesh(&mut tb, &bin, 2);
+    let data = tb.dir().join("ipam");
+    let podman = Podman::new(&bin, RANGE, &data).must("podman set-up");
+    let (h1, h2) = (
+        tb.host(1).must("host").ns.clone(),
+        tb.host(2).must("host").ns.clone(),
+    );
+    let server = podman
+        .run(&h2, "server", &["httpd", "-f", "-p", "8080", "-h", "/srv"])
+        .must("podman run server");
+    let client = podman
+        .run(&h1, "client", &["sleep", "600"])
+        .must("podman run client");
+    for (n, addr) in [(1, client), (2, server)] {
+        let (gw, _) = bridge_addresses(&tb, n)[0];
+        assert!(
+            u32::from(addr) > u32::from(gw) && u32::from(addr) < u32::from(gw) + BLOCK,
+            "host {n}: {addr} not in the block of {gw}"
+        );
+    }
+    assert_eq!(allocations(&data), BTreeSet::from([client, server]));
+    let ping = podman
+        .exec(
+            &h1,
+            "client",
+            &["ping", "-c", "3", "-W", "5", &server.to_string()],
+        )
+        .must("ping");
+    assert!(ping.contains("3 packets received"), "{ping}");
+    let url = format!("http://{server}:8080/hello.txt");
+    let got = podman
+        .exec(&h1, "client", &["wget", "-q", "-O", "-", &url])
+        .must("wget");
+    assert_eq!(got, weft_testbed::podman::HELLO);
+    assert_eq!(cni_veths(&tb, 1).len(), 1);
+    podman.rm(&h1, "client").must("podman rm");
+    assert_eq!(allocations(&data), BTreeSet::from([server]));
+    assert!(cni_veths(&tb, 1).is_empty(), "{:?}", cni_veths(&tb, 1));
+    podman.cleanup().must("podman cleanup");
+    assert!(allocations(&data).is_empty());
+    assert!(cni_veths(&tb, 2).is_empty());
 }

@@ -52,6 +52,18 @@ pub const VM_TOOLS: &[(&str, &str)] = &[
     ("objcopy", "binutils"),
 ];
 
+/// What the CNI tests need on top of [`DEBIAN_TOOLS`] (kept apart: `vm-test` copies
+/// [`DEBIAN_TOOLS`] into its guest): iptables for network policy, and a real
+/// container runtime calling the plugin (podman with runc, buildah to build a
+/// `FROM scratch` image holding a static busybox).
+pub const CNI_TOOLS: &[(&str, &str)] = &[
+    ("iptables", "iptables"),
+    ("podman", "podman"),
+    ("buildah", "buildah"),
+    ("runc", "runc"),
+    ("busybox", "busybox-static"),
+];
+
 /// How much setup reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -72,6 +84,7 @@ pub fn run(ws: &Workspace, mode: Mode) -> Result<()> {
     bpf_linker(ws, &say)?;
     cargo_fuzz(ws, &say)?;
     debian_tools(DEBIAN_TOOLS, "test tools", &say)?;
+    debian_tools(CNI_TOOLS, "CNI test tools", &say)?;
     bpffs(&say)?;
     Ok(())
 }
