@@ -129,8 +129,8 @@ fn install_cni(bin: &Path, dir: &Path) -> (PathBuf, Value) {
 /// Three hosts with IPAM agents, two containers each made by the plugin (installed by
 /// `weft install-cni`, called by its `weft-cni` name): addresses from each host's
 /// block, all-to-all ping, TCP across hosts, CHECK, DEL (twice, after the netns is
-/// gone, after a half-failed ADD), the address coming back, and allocations surviving
-/// an agent restart.
+/// gone, after a half-failed ADD, with the agent down), the address coming back, and
+/// allocations surviving an agent restart, which removes a stale bridge address.
 #[test]
 fn plugin_attaches_containers_on_three_hosts() {
     let bin = agent_bin();
@@ -255,9 +255,19 @@ fn plugin_attaches_containers_on_three_hosts() {
     assert!(!allocations(&data).contains(&c12.pod.addr));
     assert_eq!(cni_veths(&tb, 1).len(), 1);
 
-    // The agent restarts: the bridge keeps its address, allocations stay, a new
-    // container gets a free address and reaches the others.
+    // With the agent down, ADD's allocations stay and DEL works; a stale address of
+    // the range on the bridge (an earlier block's) goes when the agent starts.
+    let c15 = tb.cni_add(&plugin, 1, "c15", &conf).must("ADD c15");
+    assert_eq!(c15.pod.addr, c12.pod.addr, "the lowest free address");
     tb.stop_agent(1).must("stop");
+    let out = call(&plugin, &host1, "DEL", &c15, &conf).run().must("DEL");
+    assert!(out.success, "DEL with the agent down: {out:?}");
+    assert!(!allocations(&data).contains(&c15.pod.addr));
+    ns_exec(
+        &host1,
+        &["ip", "addr", "add", "10.40.100.0/12", "dev", "weave"],
+    )
+    .must("stale");
     tb.start_mesh_agent(1, &bin, &[], &ipam_args())
         .must("restart");
     assert_eq!(bridge_addresses(&tb, 1), vec![(gateways[0], 12)]);
@@ -272,9 +282,10 @@ fn plugin_attaches_containers_on_three_hosts() {
         late.pod.addr
     );
     assert_eq!(late.pod.addr, c12.pod.addr, "the lowest free address");
-    for to in [&containers[2], &containers[5]] {
+    for to in [&again, &containers[2], &containers[5]] {
         wait_ping(&late.pod, to.pod.addr, ESTABLISH).must("after restart");
     }
+    assert_eq!(cni_veths(&tb, 1).len(), 2);
 }
 
 /// Bad input gets CNI error JSON and exit status 1, never a panic; an agent without
