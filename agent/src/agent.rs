@@ -507,7 +507,7 @@ pub(crate) async fn setup(
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading the device's qdisc"),
     }
     if let Some(blocks) = args.ipam()? {
-        expose(net, bridge.index, &blocks, short_id).await?;
+        expose(net, &bridge, &blocks, short_id).await?;
     }
     tracing::info!(
         name = %me.name,
@@ -528,12 +528,26 @@ pub(crate) async fn setup(
 /// prefix (Weave's `weave expose`): the pods' gateway, and how the CNI plugin finds
 /// this node's block. Another address of the range (an earlier ShortID's block's) is
 /// removed.
+///
+/// The bridge's MAC address is pinned first: a bridge whose address was never set
+/// takes the lowest of its ports' addresses, so attaching a pod's veth (random MAC)
+/// would change the gateway's MAC, and deleting that pod would leave every other
+/// pod's ARP entry for the gateway pointing at a MAC nobody has.
 pub(crate) async fn expose(
     net: &Netdev,
-    bridge: u32,
+    bridge: &netdev::Link,
     blocks: &Blocks,
     short_id: u16,
 ) -> anyhow::Result<Ipv4Addr> {
+    // Setting it, even to its current value, marks it as set: the kernel keeps it.
+    let mac = net
+        .link(&bridge.name)
+        .await?
+        .map_or(bridge.mac, |now| now.mac);
+    net.set_mac(bridge.index, mac)
+        .await
+        .context("pinning the bridge's MAC address")?;
+    let bridge = bridge.index;
     let addr = blocks.bridge_address(short_id);
     let prefix = blocks.subnet().prefix();
     let range = blocks.range();

@@ -1397,7 +1397,7 @@ impl Node {
                             .link(&bridge)
                             .await?
                             .ok_or_else(|| anyhow::anyhow!("the bridge {bridge} is gone"))?;
-                        agent::expose(&net, link.index, &blocks, id).await
+                        agent::expose(&net, &link, &blocks, id).await
                     };
                     if let Err(e) = exposed.await {
                         tracing::error!(

@@ -57,6 +57,17 @@ fn bridge_addresses(tb: &Testbed, n: u8) -> Vec<(Ipv4Addr, u8)> {
         .collect()
 }
 
+/// Host `n`'s bridge's MAC address.
+fn bridge_mac(tb: &Testbed, n: u8) -> String {
+    let ns = &tb.host(n).must("host").ns;
+    let out = ns_exec(ns, &["ip", "-o", "link", "show", "dev", "weave"]).must("ip link");
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("the bridge's MAC")
+        .to_owned()
+}
+
 /// Host `n`'s veth names starting with `vethwft`.
 fn cni_veths(tb: &Testbed, n: u8) -> Vec<String> {
     let ns = &tb.host(n).must("host").ns;
@@ -156,6 +167,9 @@ fn plugin_attaches_containers_on_three_hosts() {
         gateways.push(a);
     }
 
+    // The gateway's MAC stays put while pods' veths (random MACs) join and leave
+    // the bridge, which would otherwise take the lowest of its ports' MACs.
+    let gateway_macs: Vec<_> = (1..=3).map(|n| bridge_mac(&tb, n)).collect();
     let mut containers = Vec::new();
     for n in 1..=3u8 {
         for i in 1..=2 {
@@ -181,6 +195,11 @@ fn plugin_attaches_containers_on_three_hosts() {
     assert_eq!(allocations(&data), addrs);
     for n in 1..=3 {
         assert_eq!(cni_veths(&tb, n).len(), 2, "host {n}");
+        assert_eq!(
+            bridge_mac(&tb, n),
+            gateway_macs[usize::from(n) - 1],
+            "host {n}"
+        );
     }
 
     for from in &containers {
@@ -254,6 +273,7 @@ fn plugin_attaches_containers_on_three_hosts() {
     assert!(out.success, "{out:?}");
     assert!(!allocations(&data).contains(&c12.pod.addr));
     assert_eq!(cni_veths(&tb, 1).len(), 1);
+    assert_eq!(bridge_mac(&tb, 1), gateway_macs[0], "after DELs");
 
     // With the agent down, ADD's allocations stay and DEL works; a stale address of
     // the range on the bridge (an earlier block's) goes when the agent starts.
