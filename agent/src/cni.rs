@@ -630,6 +630,11 @@ async fn attach(
     net.set_up(host_link.index, Some(mtu), Some(node.bridge.index))
         .await
         .map_err(|e| CniError::new(E_IO, format!("attaching {host} to the bridge")).details(e))?;
+    // As Weave's plugin does by default (`hairpinMode`): a pod reaching itself
+    // through a Service address gets its packets back on its own port.
+    net.set_hairpin(host_link.index)
+        .await
+        .map_err(|e| CniError::new(E_IO, format!("hairpin mode on {host}")).details(e))?;
     let prefix = node.blocks.subnet().prefix();
     let gateway = node.gateway;
     let ifname = env.ifname.clone();

@@ -313,6 +313,23 @@ impl Netdev {
             .map_err(|e| NetdevError::Request(format!("isolating bridge port {index}"), e))
     }
 
+    /// Turns hairpin mode on for a bridge port (`bridge_slave hairpin on`): the bridge
+    /// may send a frame back out of the port it came in on, which a pod reaching its
+    /// own Service address (DNAT back to itself on the host) needs.
+    pub async fn set_hairpin(&self, index: u32) -> Result<(), NetdevError> {
+        let msg = LinkBridgePort::new(index)
+            .append_info_data(rtnetlink::packet_route::link::InfoBridgePort::HairpinMode(
+                true,
+            ))
+            .build();
+        self.handle
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(|e| NetdevError::Request(format!("hairpin mode on bridge port {index}"), e))
+    }
+
     /// Sets a link's Ethernet address.
     pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), NetdevError> {
         self.handle

@@ -187,6 +187,13 @@ fn plugin_attaches_containers_on_three_hosts() {
             assert_eq!(c.result["cniVersion"], "1.0.0");
             assert_eq!(c.result["interfaces"][1]["sandbox"], c.netns.as_str());
             assert_eq!(c.result["interfaces"][1]["mtu"], 1376, "the bridge's MTU");
+            // Hairpin mode on the host end (a pod reaching itself through a Service).
+            let host_end = c.result["interfaces"][0]["name"]
+                .as_str()
+                .expect("host end");
+            let ns = &tb.host(n).must("host").ns;
+            let port = ns_exec(ns, &["ip", "-d", "link", "show", "dev", host_end]).must("ip");
+            assert!(port.contains("hairpin on"), "host {n}: {port}");
             containers.push(c);
         }
     }
