@@ -638,7 +638,7 @@ async fn attach(
     let prefix = node.blocks.subnet().prefix();
     let gateway = node.gateway;
     let ifname = env.ifname.clone();
-    let container_mac = in_netns(netns, move |cnet| async move {
+    let (container_index, container_mac) = in_netns(netns, move |cnet| async move {
         let err =
             |what: &str, e| CniError::new(E_IO, format!("in the container: {what}")).details(e);
         let link = cnet
@@ -646,17 +646,18 @@ async fn attach(
             .await
             .map_err(|e| err("looking up the interface", e))?
             .ok_or_else(|| CniError::new(E_IO, format!("{ifname} is not in the container")))?;
-        cnet.set_up(link.index, Some(mtu), None)
-            .await
-            .map_err(|e| err("setting the interface up", e))?;
         cnet.add_ipv4_address(link.index, addr, prefix)
             .await
             .map_err(|e| err("adding the address", e))?;
+        cnet.set_up(link.index, Some(mtu), None)
+            .await
+            .map_err(|e| err("setting the interface up", e))?;
         cnet.add_default_route(link.index, gateway)
             .await
             .map_err(|e| err("adding the default route", e))?;
-        Ok(link.mac)
+        Ok((link.index, link.mac))
     })?;
+    announce(net, netns, host, container_index, container_mac, addr).await;
     Ok(Attachment {
         host: (host.to_owned(), host_link.mac),
         container: (
@@ -668,6 +669,96 @@ async fn attach(
         gateway,
         mtu,
     })
+}
+
+/// Announces a new pod's address with a gratuitous ARP from inside the container.
+///
+/// Addresses come back to new pods at once (the lowest free one is taken): pods and
+/// hosts that still map the address to the previous pod's MAC would otherwise keep
+/// sending there until their neighbour entries time out (15 s at the earliest, more
+/// once a probe to the dead MAC has to fail). The kernel's own announcement
+/// (`arp_notify`) goes out as the interface comes up, before the bridge has enabled
+/// the host end (it does so when it sees the carrier, asynchronously) and is lost;
+/// so this waits (up to a second) for the host end to forward, then sends. Best
+/// effort: a failure here costs only the fast update.
+async fn announce(
+    net: &Netdev,
+    netns: &File,
+    host: &str,
+    ifindex: u32,
+    mac: [u8; 6],
+    addr: Ipv4Addr,
+) {
+    for _ in 0..100 {
+        match net.link(host).await {
+            Ok(Some(link)) if !link.forwarding => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            _ => break,
+        }
+    }
+    let sent = in_netns(netns, move |_| async move {
+        send_gratuitous_arp(ifindex, mac, addr)
+            .map_err(|e| CniError::new(E_IO, "sending a gratuitous ARP").details(e))
+    });
+    if let Err(e) = sent {
+        eprintln!("weft-cni: {}: {}", e.msg, e.details);
+    }
+}
+
+/// The ARP request `addr` is at `mac`, asking for `addr` (a gratuitous ARP), to the
+/// Ethernet broadcast address.
+fn gratuitous_arp_frame(mac: [u8; 6], addr: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes()); // ARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&addr.octets());
+    // Target hardware address: zero.
+    f[38..42].copy_from_slice(&addr.octets());
+    f
+}
+
+/// Sends [`gratuitous_arp_frame`] out of link `ifindex` of this thread's netns.
+fn send_gratuitous_arp(ifindex: u32, mac: [u8; 6], addr: Ipv4Addr) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; protocol 0 receives nothing.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket just opened and owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let frame = gratuitous_arp_frame(mac, addr);
+    // SAFETY: sockaddr_ll is plain data, valid all zero.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = 0x0806u16.to_be();
+    to.sll_ifindex = ifindex as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: the frame and the address are valid for the lengths given, for the
+    // duration of the call.
+    let n = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 async fn del(net: &Netdev, env: &Env, conf: &NetConf) -> Result<(), CniError> {
@@ -955,6 +1046,30 @@ mod tests {
         assert_eq!(
             e,
             json!({"cniVersion": "1.0.0", "code": 11, "msg": "later"})
+        );
+    }
+
+    #[test]
+    fn gratuitous_arp_frame_layout() {
+        let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+        let f = gratuitous_arp_frame(mac, Ipv4Addr::new(10, 40, 1, 2));
+        let hex: String = f.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "ffffffffffff",
+                "021122334455",
+                "0806", // Ethernet: broadcast, ARP
+                "0001",
+                "0800",
+                "06",
+                "04",
+                "0001", // Ethernet/IPv4, request
+                "021122334455",
+                "0a280102", // sender: the pod
+                "000000000000",
+                "0a280102", // target: the same address
+            )
         );
     }
 

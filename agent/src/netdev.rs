@@ -13,7 +13,10 @@ use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
     packet_route::{
         address::{AddressAttribute, AddressMessage},
-        link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
+        link::{
+            BridgePortState, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan,
+            LinkAttribute, LinkInfo, LinkMessage,
+        },
         route::{RouteAddress, RouteAttribute},
         tc::TcAttribute,
     },
@@ -68,6 +71,8 @@ pub struct Link {
     pub alias: Option<String>,
     /// For a VXLAN device: (UDP port, metadata mode).
     pub vxlan: Option<(u16, bool)>,
+    /// As a bridge port: whether it is in the forwarding state.
+    pub forwarding: bool,
 }
 
 impl Link {
@@ -87,6 +92,7 @@ fn link_from_message(msg: &LinkMessage) -> Link {
         mac: [0; 6],
         alias: None,
         vxlan: None,
+        forwarding: false,
     };
     for attr in &msg.attributes {
         match attr {
@@ -116,6 +122,11 @@ fn link_from_message(msg: &LinkMessage) -> Link {
                                 }
                             }
                             link.vxlan = Some((port, external));
+                        }
+                        LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => {
+                            link.forwarding = attrs.iter().any(|a| {
+                                matches!(a, InfoBridgePort::State(BridgePortState::Forwarding))
+                            });
                         }
                         _ => {}
                     }
@@ -301,9 +312,7 @@ impl Netdev {
     /// reaches every peer itself), while pods reach both.
     pub async fn set_isolated(&self, index: u32) -> Result<(), NetdevError> {
         let msg = LinkBridgePort::new(index)
-            .append_info_data(rtnetlink::packet_route::link::InfoBridgePort::Isolated(
-                true,
-            ))
+            .append_info_data(InfoBridgePort::Isolated(true))
             .build();
         self.handle
             .link()
@@ -318,9 +327,7 @@ impl Netdev {
     /// own Service address (DNAT back to itself on the host) needs.
     pub async fn set_hairpin(&self, index: u32) -> Result<(), NetdevError> {
         let msg = LinkBridgePort::new(index)
-            .append_info_data(rtnetlink::packet_route::link::InfoBridgePort::HairpinMode(
-                true,
-            ))
+            .append_info_data(InfoBridgePort::HairpinMode(true))
             .build();
         self.handle
             .link()

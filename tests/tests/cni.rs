@@ -14,7 +14,7 @@ use std::{
 use common::{FIRST_CONTACT, Must, agent_bin, bed, established_over, wait_connection};
 use serde_json::Value;
 use weft_testbed::{
-    CniCall, CniContainer, Testbed, net_conf, ns_exec, ping_unanswered, podman::Podman,
+    CniCall, CniContainer, Testbed, net_conf, ns_exec, ping, ping_unanswered, podman::Podman,
     tcp_transfer, wait_ping,
 };
 
@@ -242,6 +242,8 @@ fn plugin_attaches_containers_on_three_hosts() {
         .must("CHECK");
     assert!(!out.success && out.error_code().is_some(), "{out:?}");
 
+    // A pod on host 3 has c11's address in its ARP cache, fresh.
+    ping(&containers[5].pod, c11.pod.addr, 1).must("ping c11");
     // DEL: the address is released, the veth gone; DEL again succeeds.
     for _ in 0..2 {
         let out = call(&plugin, &host1, "DEL", &c11, &good).run().must("DEL");
@@ -252,6 +254,9 @@ fn plugin_attaches_containers_on_three_hosts() {
     // The lowest free address comes back to the next container.
     let again = tb.cni_add(&plugin, 1, "c13", &conf).must("ADD again");
     assert_eq!(again.pod.addr, c11.pod.addr);
+    // The new pod announced its address (gratuitous ARP): the pod on host 3 reaches
+    // it at once, not when its entry for c11's MAC times out (15 s at the earliest).
+    ping(&containers[5].pod, again.pod.addr, 5).must("the reused address, at once");
     wait_ping(&again.pod, containers[5].pod.addr, FIRST_CONTACT).must("reused address");
 
     // A half-failed ADD (its netns does not exist) leaves nothing; DEL succeeds.
