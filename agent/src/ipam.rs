@@ -311,9 +311,33 @@ impl Store {
         if let Some(addr) = candidates.clone().find(|a| held.contains(a)) {
             return Ok(Some((addr, false)));
         }
-        std::fs::create_dir_all(&self.dir)?;
-        let temp = self.dir.join(format!(".new-{}", std::process::id()));
-        std::fs::write(&temp, owner.record())?;
+        create_private_dir(&self.dir)?;
+        // Unique among plugins running at once, even in other PID namespaces sharing
+        // the directory (a temp file two of them wrote would be one owner's twice).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let temp = self
+            .dir
+            .join(format!(".new-{}-{nanos}", std::process::id()));
+        let written = (|| {
+            use std::{io::Write, os::unix::fs::OpenOptionsExt};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&temp)?;
+            f.write_all(owner.record().as_bytes())?;
+            // On disk before it has its name: after a power loss an allocation is
+            // there with its owner, or not at all (an empty file would be an address
+            // nobody could release).
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
         let mut found = None;
         for addr in candidates {
             match std::fs::hard_link(&temp, self.path(addr)) {
@@ -329,6 +353,9 @@ impl Store {
             }
         }
         std::fs::remove_file(&temp)?;
+        if found.is_some() {
+            std::fs::File::open(&self.dir)?.sync_all()?;
+        }
         Ok(found)
     }
 
@@ -359,6 +386,16 @@ impl Store {
     fn path(&self, addr: Ipv4Addr) -> std::path::PathBuf {
         self.dir.join(addr.to_string())
     }
+}
+
+/// Creates `dir` and its missing parents, readable by root only (container ids and
+/// addresses are nobody else's business); an existing directory is left as it is.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 #[cfg(test)]
@@ -545,6 +582,12 @@ mod tests {
             store.allocate(tiny.pod_addresses(0), &owner("z")).unwrap(),
             None
         );
+        // Root's only: the directories made and the allocation files.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("net")), 0o700);
+        assert_eq!(mode(&dir.join("net").join("10.0.0.2")), 0o600);
         // Only files named by an address count; no temp file is left.
         std::fs::write(dir.join("net").join("lock"), "").unwrap();
         assert_eq!(store.held_by(&owner("x")).unwrap(), vec![ip("10.0.0.2")]);
