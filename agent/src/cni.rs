@@ -51,7 +51,7 @@ pub const NETWORK_NAME: &str = "weave";
 /// The configuration file `install-cni` writes.
 pub const CONFLIST_NAME: &str = "10-weft.conflist";
 /// Prefix of host-side veth names (then 8 hex digits).
-pub const HOST_VETH_PREFIX: &str = "vethwft";
+pub const HOST_VETH_PREFIX: &str = "wft";
 
 // CNI's well-known error codes.
 /// Incompatible CNI version.
@@ -282,23 +282,26 @@ pub fn parse_conf(bytes: &[u8]) -> Result<NetConf, CniError> {
     })
 }
 
-/// The host end's name for a container's interface: [`HOST_VETH_PREFIX`] and 8 hex
-/// digits of SHA-256(container id, interface name).
+/// The host end's name for a container's interface: [`HOST_VETH_PREFIX`] and 12 hex
+/// digits (48 bits) of SHA-256(container id, interface name), as Cilium names its
+/// `lxc` ends: two live pods of one node share a name with odds below 1e-10 for
+/// 255 pods (ADD replaces, and DEL removes, the end of that name).
 pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
-    format!("{HOST_VETH_PREFIX}{}", short_hash(container_id, ifname))
+    format!("{HOST_VETH_PREFIX}{}", short_hash(container_id, ifname, 6))
 }
 
 /// The other end's name while it is still in the host's netns.
 fn temp_peer_name(container_id: &str, ifname: &str) -> String {
-    format!("wftp{}", short_hash(container_id, ifname))
+    format!("wftp{}", short_hash(container_id, ifname, 5))
 }
 
-fn short_hash(container_id: &str, ifname: &str) -> String {
+/// The first `bytes` bytes of SHA-256(container id, 0, interface name), in hex.
+fn short_hash(container_id: &str, ifname: &str, bytes: usize) -> String {
     let mut h = sha2::Sha256::new();
     h.update(container_id.as_bytes());
     h.update([0]);
     h.update(ifname.as_bytes());
-    h.finalize()[..4]
+    h.finalize()[..bytes]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -1028,7 +1031,7 @@ mod tests {
     #[test]
     fn results_by_version() {
         let a = Attachment {
-            host: ("vethwft01234567".into(), [2, 0, 0, 0, 0, 1]),
+            host: ("wft0123456789ab".into(), [2, 0, 0, 0, 0, 1]),
             container: ("eth0".into(), [2, 0, 0, 0, 0, 2], "/run/netns/x".into()),
             address: ("10.32.1.2".parse().unwrap(), 12),
             gateway: "10.32.1.1".parse().unwrap(),

@@ -68,10 +68,10 @@ fn bridge_mac(tb: &Testbed, n: u8) -> String {
         .to_owned()
 }
 
-/// Host `n`'s veth names starting with `vethwft`.
+/// Host `n`'s veth names starting with `wft`.
 fn cni_veths(tb: &Testbed, n: u8) -> Vec<String> {
     let ns = &tb.host(n).must("host").ns;
-    weft_testbed::links_with_prefix(ns, "vethwft").must("links")
+    weft_testbed::links_with_prefix(ns, "wft").must("links")
 }
 
 /// The allocation files (addresses) of network `weave` under `data_dir`.
