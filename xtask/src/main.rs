@@ -2,6 +2,7 @@
 //! the tests and lints, and starts the demo. One module per task; a new task is a new
 //! module plus one variant of [`Task`].
 
+mod arch;
 mod bench;
 mod build;
 mod demo;
@@ -37,8 +38,9 @@ enum Task {
     /// Check and install what the other tasks need: the pinned toolchain's components,
     /// bpf-linker and cargo-fuzz (in `.tools`), the Debian tools the tests use, and bpffs.
     Setup,
-    /// Build the eBPF object, then the agent that embeds it.
-    Build(build::Args),
+    /// Build the eBPF object, then the agent that embeds it (or, with `--target`, static
+    /// agents for x86_64 and aarch64, each embedding its own architecture's object).
+    Build(build::Cli),
     /// Build, then run unit tests, root integration tests (also in a kernel-6.1 VM) and
     /// lints.
     Test,
@@ -76,7 +78,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let result = Workspace::locate().and_then(|ws| match &cli.task {
         Task::Setup => setup::run(&ws, setup::Mode::Verbose),
-        Task::Build(args) => build::run(&ws, args).map(drop),
+        Task::Build(cli) => build::run_cli(&ws, cli),
         Task::Test => test::run(&ws),
         Task::Demo => demo::run(&ws),
         Task::Lint => lint::run(&ws),

@@ -144,6 +144,22 @@ fn toolchain(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
     )
 }
 
+/// The standard library of `triple` for the pinned toolchain, added with rustup when it
+/// is missing. Only the static builds need one, so it is installed when they run
+/// rather than listed in `rust-toolchain.toml` (which would make every `rustup
+/// toolchain install` download them: about 10 s for the two musl targets).
+pub fn rust_target(ws: &Workspace, triple: &str) -> Result<()> {
+    if find_binary("rustup").is_none() {
+        eprintln!("setup: rustup not found; assuming the target {triple} is installed");
+        return Ok(());
+    }
+    let installed = exec::output(ws.command("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|line| line.trim() == triple) {
+        return Ok(());
+    }
+    exec::run(ws.command("rustup").args(["target", "add", triple]))
+}
+
 /// What setup reads of `rust-toolchain.toml`; rustup's other keys are ignored.
 #[derive(Debug, serde::Deserialize)]
 struct ToolchainFile {
