@@ -245,7 +245,7 @@ fn file_size(path: &std::path::Path) -> Result<u64> {
 }
 
 /// `12345678` -> `12345678 bytes, 11.8 MiB`.
-fn human(bytes: u64) -> String {
+pub fn human(bytes: u64) -> String {
     // Display only; precision loss above 2^52 bytes does not matter.
     #[expect(clippy::cast_precision_loss, reason = "display only")]
     let mib = bytes as f64 / (1024.0 * 1024.0);

@@ -8,6 +8,7 @@ mod build;
 mod demo;
 mod exec;
 mod fuzz;
+mod image;
 mod lint;
 mod setup;
 mod test;
@@ -52,6 +53,9 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Build, then benchmark weft against kernel VXLAN and the raw underlay (needs root).
     Bench(bench::Args),
+    /// Build the static agents, then the `FROM scratch` images around them
+    /// (`localhost/weft:<version>[-amd64|-arm64]`, OCI archives in `target/image/`).
+    Image(image::Args),
     /// Build, then run kernel-dependent integration tests in a QEMU guest with Debian
     /// 12's 6.1 kernel (no TCX: the netlink attach path).
     VmTest(vm::Args),
@@ -68,6 +72,7 @@ impl Task {
             Self::Lint => "lint",
             Self::Fuzz(_) => "fuzz",
             Self::Bench(_) => "bench",
+            Self::Image(_) => "image",
             Self::VmTest(_) => "vm-test",
         }
     }
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
         Task::Lint => lint::run(&ws),
         Task::Fuzz(args) => fuzz::run(&ws, args),
         Task::Bench(args) => bench::run(&ws, args),
+        Task::Image(args) => image::run(&ws, args),
         Task::VmTest(args) => vm::run(&ws, args),
     });
     let elapsed = started.elapsed().as_secs_f64();

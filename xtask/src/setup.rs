@@ -52,6 +52,14 @@ pub const VM_TOOLS: &[(&str, &str)] = &[
     ("objcopy", "binutils"),
 ];
 
+/// What `cargo xtask image` needs, installed only when it runs (see [`image_tools`]):
+/// buildah to build, podman (with runc) to run and inspect.
+pub const IMAGE_TOOLS: &[(&str, &str)] = &[
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+];
+
 /// How much setup reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -87,6 +95,21 @@ pub fn vm_tools() -> Result<()> {
             "the VM tests need {} (Debian: apt-get install {}); not installed",
             missing.join(", "),
             packages_of(VM_TOOLS).join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages of [`IMAGE_TOOLS`] that are missing; like
+/// [`vm_tools`], a tool that cannot be installed is an error.
+pub fn image_tools() -> Result<()> {
+    debian_tools(IMAGE_TOOLS, "image tools", &|_| ())?;
+    let missing = missing_binaries(IMAGE_TOOLS);
+    if !missing.is_empty() {
+        bail!(
+            "building the image needs {} (Debian: apt-get install {}); not installed",
+            missing.join(", "),
+            packages_of(IMAGE_TOOLS).join(" ")
         );
     }
     Ok(())

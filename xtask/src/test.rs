@@ -1,4 +1,6 @@
-//! `cargo xtask test`: setup and build, then the unit tests, the root integration tests
+//! `cargo xtask test`: setup and build, then the container images (`cargo xtask image`
+//! for every architecture; the integration tests find the image's name in
+//! `WEFT_IMAGE`), the unit tests, the root integration tests
 //! (weft-testbed, one at a time since they share the host's network namespaces,
 //! interfaces and bpffs), the kernel-dependent ones again in a QEMU guest with Debian
 //! 12's 6.1 kernel (`cargo xtask vm-test`'s default list), a short run of every fuzz
@@ -8,7 +10,8 @@
 use anyhow::{Result, bail};
 
 use crate::{
-    build, exec, lint,
+    arch::Arch,
+    build, exec, image, lint,
     workspace::{EBPF_PACKAGE, TESTBED_PACKAGE, Workspace, is_root},
 };
 
@@ -16,15 +19,37 @@ use crate::{
 pub fn run(ws: &Workspace) -> Result<()> {
     let agent = build::run(ws, &build::Args { debug: false })?;
     let variant = build::build_ebpf_variant(ws)?;
+    let mut stages: Vec<(&str, Result<()>)> = Vec::new();
+
+    // Podman's and buildah's storage need root.
+    let image = if is_root() {
+        image::build_all(ws, &Arch::ALL)
+    } else {
+        Err(anyhow::anyhow!(
+            "not run: building and running images needs root (podman's storage)"
+        ))
+    };
+    let image = match image {
+        Ok(name) => {
+            stages.push(("images (x86_64, arm64)", Ok(())));
+            Some(name)
+        }
+        Err(err) => {
+            stages.push(("images (x86_64, arm64)", Err(err)));
+            None
+        }
+    };
     let cargo_test = || {
         let mut cmd = ws.cargo();
         cmd.arg("test")
             .env("WEFT_EBPF_OBJECT", ws.ebpf_object())
             .env("WEFT_EBPF_VARIANT_OBJECT", &variant)
             .env("WEFT_AGENT_BIN", &agent);
+        if let Some(image) = &image {
+            cmd.env(image::IMAGE_ENV, image);
+        }
         cmd
     };
-    let mut stages: Vec<(&str, Result<()>)> = Vec::new();
 
     let mut unit = cargo_test();
     unit.args([
