@@ -3,7 +3,8 @@
 //! `WEFT_IMAGE`), the unit tests, the root integration tests
 //! (weft-testbed, one at a time since they share the host's network namespaces,
 //! interfaces and bpffs), the kernel-dependent ones again in a QEMU guest with Debian
-//! 12's 6.1 kernel (`cargo xtask vm-test`'s default list), a short run of every fuzz
+//! 12's 6.1 kernel (`cargo xtask vm-test`'s default list), then in an arm64 guest
+//! (`cargo xtask vm-test --arch arm64`'s default list), a short run of every fuzz
 //! target, and the lints. Every stage runs even when an earlier one
 //! failed, so one CI run reports all failures; the exit status is nonzero if any did.
 
@@ -76,6 +77,21 @@ pub fn run(ws: &Workspace) -> Result<()> {
         "VM tests (kernel 6.1)",
         crate::vm::run_built(ws, &agent, &variant, &crate::vm::Args::default()),
     ));
+    // Debian's arm64 kernel under TCG: the static aarch64 agent (built with the images)
+    // and a short list of tests (`vm::DEFAULT_TESTS_ARM64`), about two minutes.
+    let started = std::time::Instant::now();
+    let arm64 = crate::vm::run(
+        ws,
+        &crate::vm::Args {
+            arch: Arch::Aarch64,
+            ..crate::vm::Args::default()
+        },
+    );
+    eprintln!(
+        "test: arm64 VM stage took {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    stages.push(("VM tests (arm64, kernel 6.1)", arm64));
     stages.push(("bench smoke run", crate::bench::smoke(ws, &agent)));
     stages.push(("fuzz smoke run", crate::fuzz::smoke(ws)));
 
