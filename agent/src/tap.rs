@@ -114,7 +114,8 @@ impl IfReq {
             .name
             .iter()
             .take_while(|c| **c != 0)
-            .map(|c| *c as u8)
+            // c_char is i8 on x86_64 and u8 on aarch64: take the byte either way.
+            .map(|c| c.to_ne_bytes()[0])
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
@@ -260,7 +261,8 @@ impl Tap {
             libc::c_int::try_from(mtu)
                 .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?,
         );
-        ioctl_ptr(sock.as_raw_fd(), libc::SIOCSIFMTU, &mut req).map_err(err)
+        // The libc crate types this request c_ulong for musl, whose ioctl takes an int.
+        ioctl_ptr(sock.as_raw_fd(), libc::SIOCSIFMTU as libc::Ioctl, &mut req).map_err(err)
     }
 
     /// Makes reads and writes nonblocking (`EAGAIN` instead of waiting) or blocking.
@@ -382,15 +384,17 @@ pub(crate) mod testnet {
 
     /// Sets IFF_UP and `extra` flags.
     pub(crate) fn set_up(name: &str, extra: libc::c_int) {
-        let cur = ifreq_ioctl(name, libc::SIOCGIFFLAGS, |_| {});
+        let cur = ifreq_ioctl(name, libc::SIOCGIFFLAGS as libc::Ioctl, |_| {});
         let flags = libc::c_short::from_ne_bytes([cur.data[0], cur.data[1]]);
         let flags = flags | (libc::IFF_UP | extra) as libc::c_short;
-        ifreq_ioctl(name, libc::SIOCSIFFLAGS, |r| r.set_flags(flags));
+        ifreq_ioctl(name, libc::SIOCSIFFLAGS as libc::Ioctl, |r| {
+            r.set_flags(flags)
+        });
     }
 
     /// Sets the MTU.
     pub(crate) fn set_mtu(name: &str, mtu: i32) {
-        ifreq_ioctl(name, libc::SIOCSIFMTU, |r| r.set_int(mtu));
+        ifreq_ioctl(name, libc::SIOCSIFMTU as libc::Ioctl, |r| r.set_int(mtu));
     }
 
     fn sockaddr_in(a: Ipv4Addr) -> [u8; 16] {
@@ -402,18 +406,18 @@ pub(crate) mod testnet {
 
     /// Sets an IPv4 address and prefix.
     pub(crate) fn set_ipv4(name: &str, addr: Ipv4Addr, prefix: u32) {
-        ifreq_ioctl(name, libc::SIOCSIFADDR, |r| {
+        ifreq_ioctl(name, libc::SIOCSIFADDR as libc::Ioctl, |r| {
             r.data[..16].copy_from_slice(&sockaddr_in(addr))
         });
         let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - prefix).unwrap_or(0));
-        ifreq_ioctl(name, libc::SIOCSIFNETMASK, |r| {
+        ifreq_ioctl(name, libc::SIOCSIFNETMASK as libc::Ioctl, |r| {
             r.data[..16].copy_from_slice(&sockaddr_in(mask))
         });
     }
 
     /// The MAC address.
     pub(crate) fn mac(name: &str) -> [u8; 6] {
-        let r = ifreq_ioctl(name, libc::SIOCGIFHWADDR, |_| {});
+        let r = ifreq_ioctl(name, libc::SIOCGIFHWADDR as libc::Ioctl, |_| {});
         let mut m = [0u8; 6];
         m.copy_from_slice(&r.data[2..8]);
         m

@@ -332,7 +332,8 @@ impl BatchSocket {
                     )
                 };
                 h.msg_control = cmsgs[i].0.as_mut_ptr().cast();
-                h.msg_controllen = space as usize;
+                // msghdr's length fields are size_t in glibc, socklen_t in musl.
+                h.msg_controllen = space as _;
                 // SAFETY: the control buffer is 32 bytes, 8-aligned, and `space`
                 // (24) fits it, so CMSG_FIRSTHDR returns a valid cmsghdr pointer into
                 // it, and CMSG_DATA has room for the u16 after the header.
@@ -340,7 +341,7 @@ impl BatchSocket {
                     let c = libc::CMSG_FIRSTHDR(&h);
                     (*c).cmsg_level = libc::SOL_UDP;
                     (*c).cmsg_type = libc::UDP_SEGMENT;
-                    (*c).cmsg_len = len as usize;
+                    (*c).cmsg_len = len as _;
                     std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
                 }
             }
@@ -383,7 +384,8 @@ impl BatchSocket {
                 h.msg_iov = &mut iovs[i];
                 h.msg_iovlen = 1;
                 h.msg_control = cmsgs[i].0.as_mut_ptr().cast();
-                h.msg_controllen = size_of::<Cmsg>();
+                // size_t in glibc, socklen_t in musl.
+                h.msg_controllen = size_of::<Cmsg>() as _;
                 libc::mmsghdr {
                     msg_hdr: h,
                     msg_len: 0,
@@ -398,7 +400,8 @@ impl BatchSocket {
                 self.raw(),
                 hdrs.as_mut_ptr(),
                 count as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                // The flags are an int in glibc, an unsigned int in musl.
+                libc::MSG_WAITFORONE as _,
                 std::ptr::null_mut(),
             )
         })? as usize;

@@ -2,11 +2,13 @@
 //! the tests and lints, and starts the demo. One module per task; a new task is a new
 //! module plus one variant of [`Task`].
 
+mod arch;
 mod bench;
 mod build;
 mod demo;
 mod exec;
 mod fuzz;
+mod image;
 mod lint;
 mod setup;
 mod test;
@@ -37,8 +39,9 @@ enum Task {
     /// Check and install what the other tasks need: the pinned toolchain's components,
     /// bpf-linker and cargo-fuzz (in `.tools`), the Debian tools the tests use, and bpffs.
     Setup,
-    /// Build the eBPF object, then the agent that embeds it.
-    Build(build::Args),
+    /// Build the eBPF object, then the agent that embeds it (or, with `--target`, static
+    /// agents for x86_64 and aarch64, each embedding its own architecture's object).
+    Build(build::Cli),
     /// Build, then run unit tests, root integration tests (also in a kernel-6.1 VM) and
     /// lints.
     Test,
@@ -50,6 +53,9 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Build, then benchmark weft against kernel VXLAN and the raw underlay (needs root).
     Bench(bench::Args),
+    /// Build the static agents, then the `FROM scratch` images around them
+    /// (`localhost/weft:<version>[-amd64|-arm64]`, OCI archives in `target/image/`).
+    Image(image::Args),
     /// Build, then run kernel-dependent integration tests in a QEMU guest with Debian
     /// 12's 6.1 kernel (no TCX: the netlink attach path).
     VmTest(vm::Args),
@@ -66,6 +72,7 @@ impl Task {
             Self::Lint => "lint",
             Self::Fuzz(_) => "fuzz",
             Self::Bench(_) => "bench",
+            Self::Image(_) => "image",
             Self::VmTest(_) => "vm-test",
         }
     }
@@ -76,12 +83,13 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let result = Workspace::locate().and_then(|ws| match &cli.task {
         Task::Setup => setup::run(&ws, setup::Mode::Verbose),
-        Task::Build(args) => build::run(&ws, args).map(drop),
+        Task::Build(cli) => build::run_cli(&ws, cli),
         Task::Test => test::run(&ws),
         Task::Demo => demo::run(&ws),
         Task::Lint => lint::run(&ws),
         Task::Fuzz(args) => fuzz::run(&ws, args),
         Task::Bench(args) => bench::run(&ws, args),
+        Task::Image(args) => image::run(&ws, args),
         Task::VmTest(args) => vm::run(&ws, args),
     });
     let elapsed = started.elapsed().as_secs_f64();

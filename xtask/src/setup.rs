@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
+    arch::Arch,
     exec,
     workspace::{Workspace, find_binary, is_root},
 };
@@ -42,10 +43,9 @@ pub const DEBIAN_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// What `cargo xtask vm-test` needs on top of [`DEBIAN_TOOLS`], installed only when it
-/// runs (see [`vm_tools`]): QEMU, a static busybox for the guest, `cpio` for the
-/// initramfs and `depmod` for its modules.
+/// runs (see [`vm_tools`]): QEMU (the guest architecture's, added by [`vm_tools`]), a
+/// static busybox for the guest, `cpio` for the initramfs and `depmod` for its modules.
 pub const VM_TOOLS: &[(&str, &str)] = &[
-    ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
     ("cpio", "cpio"),
     ("depmod", "kmod"),
@@ -62,6 +62,14 @@ pub const CNI_TOOLS: &[(&str, &str)] = &[
     ("buildah", "buildah"),
     ("runc", "runc"),
     ("busybox", "busybox-static"),
+];
+
+/// What `cargo xtask image` needs, installed only when it runs (see [`image_tools`]):
+/// buildah to build, podman (with runc) to run and inspect.
+pub const IMAGE_TOOLS: &[(&str, &str)] = &[
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// How much setup reports.
@@ -89,17 +97,65 @@ pub fn run(ws: &Workspace, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-/// Installs the Debian packages of [`VM_TOOLS`] that are missing. Unlike [`run`], a
-/// tool that cannot be installed (not root, no apt-get, apt-get failed) is an error:
-/// the VM stage cannot run without it.
-pub fn vm_tools() -> Result<()> {
-    debian_tools(VM_TOOLS, "VM tools", &|_| ())?;
-    let missing = missing_binaries(VM_TOOLS);
+/// Installs the Debian packages of [`VM_TOOLS`] and QEMU for an `arch` guest that are
+/// missing. Unlike [`run`], a tool that cannot be installed (not root, no apt-get,
+/// apt-get failed) is an error: the VM stage cannot run without it.
+pub fn vm_tools(arch: Arch) -> Result<()> {
+    let mut tools = VM_TOOLS.to_vec();
+    tools.push(match arch {
+        Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86"),
+        Arch::Aarch64 => ("qemu-system-aarch64", "qemu-system-arm"),
+    });
+    debian_tools(&tools, "VM tools", &|_| ())?;
+    let missing = missing_binaries(&tools);
     if !missing.is_empty() {
         bail!(
             "the VM tests need {} (Debian: apt-get install {}); not installed",
             missing.join(", "),
-            packages_of(VM_TOOLS).join(" ")
+            packages_of(&tools).join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Makes dpkg and apt know `arch`'s packages when it is not the host's (`dpkg
+/// --add-architecture`, then `apt-get update`), so that `apt-get download` fetches
+/// them (the arm64 guest's kernel and programs). Needs root.
+pub fn foreign_architecture(arch: Arch) -> Result<()> {
+    let native = exec::output(Command::new("dpkg").arg("--print-architecture"))?;
+    if native.trim() == arch.oci() {
+        return Ok(());
+    }
+    let foreign = exec::output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if foreign.lines().any(|line| line.trim() == arch.oci()) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "dpkg does not know the {} architecture and adding it needs root \
+             (`dpkg --add-architecture {0} && apt-get update`)",
+            arch.oci()
+        );
+    }
+    exec::run(Command::new("dpkg").args(["--add-architecture", arch.oci()]))?;
+    exec::run(
+        Command::new("apt-get")
+            .args(["-q", "update"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )
+}
+
+/// Installs the Debian packages of [`IMAGE_TOOLS`] that are missing; like
+/// [`vm_tools`], a tool that cannot be installed is an error.
+pub fn image_tools() -> Result<()> {
+    debian_tools(IMAGE_TOOLS, "image tools", &|_| ())?;
+    let missing = missing_binaries(IMAGE_TOOLS);
+    if !missing.is_empty() {
+        bail!(
+            "building the image needs {} (Debian: apt-get install {}); not installed",
+            missing.join(", "),
+            packages_of(IMAGE_TOOLS).join(" ")
         );
     }
     Ok(())
@@ -155,6 +211,22 @@ fn toolchain(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
             .args(["component", "add", "--toolchain", &channel])
             .args(&missing),
     )
+}
+
+/// The standard library of `triple` for the pinned toolchain, added with rustup when it
+/// is missing. Only the static builds need one, so it is installed when they run
+/// rather than listed in `rust-toolchain.toml` (which would make every `rustup
+/// toolchain install` download them: about 10 s for the two musl targets).
+pub fn rust_target(ws: &Workspace, triple: &str) -> Result<()> {
+    if find_binary("rustup").is_none() {
+        eprintln!("setup: rustup not found; assuming the target {triple} is installed");
+        return Ok(());
+    }
+    let installed = exec::output(ws.command("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|line| line.trim() == triple) {
+        return Ok(());
+    }
+    exec::run(ws.command("rustup").args(["target", "add", triple]))
 }
 
 /// What setup reads of `rust-toolchain.toml`; rustup's other keys are ignored.

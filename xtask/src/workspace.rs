@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::arch::Arch;
+
 /// The eBPF target triple.
 pub const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Package name of the eBPF crate.
@@ -63,6 +65,32 @@ impl Workspace {
             .join("weft")
     }
 
+    /// The eBPF object for programs that run on an `arch` kernel: the host's is
+    /// [`Workspace::ebpf_object`]; another architecture's is built into a target
+    /// directory of its own (`target/ebpf-<arch>/`), so the two never mix.
+    pub fn ebpf_object_for(&self, arch: Arch) -> Result<PathBuf> {
+        if arch == Arch::host()? {
+            return Ok(self.ebpf_object());
+        }
+        Ok(self
+            .ebpf_arch_target_dir(arch)
+            .join(BPF_TARGET)
+            .join("release")
+            .join("weft"))
+    }
+
+    fn ebpf_arch_target_dir(&self, arch: Arch) -> PathBuf {
+        self.target_dir.join(format!("ebpf-{arch}"))
+    }
+
+    /// The static (musl) release agent of `arch`.
+    pub fn static_agent_bin(&self, arch: Arch) -> PathBuf {
+        self.target_dir
+            .join(arch.musl_triple())
+            .join("release")
+            .join("weft")
+    }
+
     /// The agent binary of a profile.
     pub fn agent_bin(&self, profile: Profile) -> PathBuf {
         self.target_dir.join(profile.dir()).join("weft")
@@ -93,6 +121,17 @@ impl Workspace {
             .args(["--target", BPF_TARGET, "-Z", "build-std=core"])
             .env("PATH", self.path_with_tools()?)
             .env("CARGO_ENCODED_RUSTFLAGS", bpf_rustflags()?);
+        Ok(cmd)
+    }
+
+    /// [`Workspace::cargo_ebpf`] for programs that run on an `arch` kernel
+    /// (`bpf_target_arch`), writing [`Workspace::ebpf_object_for`].
+    pub fn cargo_ebpf_for(&self, arch: Arch, subcommand: &str) -> Result<Command> {
+        let mut cmd = self.cargo_ebpf(subcommand)?;
+        if arch != Arch::host()? {
+            cmd.env("CARGO_TARGET_DIR", self.ebpf_arch_target_dir(arch))
+                .env("CARGO_ENCODED_RUSTFLAGS", bpf_rustflags_for(arch));
+        }
         Ok(cmd)
     }
 
@@ -149,16 +188,18 @@ impl Profile {
 /// the host (the kernel the programs run on), full debug info, and `--btf` so
 /// bpf-linker emits BTF (without it the object has none).
 pub fn bpf_rustflags() -> Result<String> {
-    let arch = match env::consts::ARCH {
-        arch @ ("x86_64" | "aarch64") => arch,
-        other => bail!("unsupported host architecture {other} for the eBPF build"),
-    };
-    Ok([
+    let arch = Arch::host().context("no eBPF build for this host")?;
+    Ok(bpf_rustflags_for(arch))
+}
+
+/// [`bpf_rustflags`] for programs that run on an `arch` kernel.
+pub fn bpf_rustflags_for(arch: Arch) -> String {
+    [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".to_owned(),
         "-Clink-arg=--btf".to_owned(),
     ]
-    .join("\x1f"))
+    .join("\x1f")
 }
 
 /// Whether xtask runs with effective uid 0.
@@ -215,5 +256,12 @@ mod tests {
             ws.ebpf_object()
                 .ends_with("bpfel-unknown-none/release/weft")
         );
+        let host = Arch::host().unwrap();
+        assert_eq!(ws.ebpf_object_for(host).unwrap(), ws.ebpf_object());
+        for arch in Arch::ALL.into_iter().filter(|&a| a != host) {
+            let object = ws.ebpf_object_for(arch).unwrap();
+            assert_ne!(object, ws.ebpf_object());
+            assert!(object.starts_with(ws.target_dir.join(format!("ebpf-{arch}"))));
+        }
     }
 }

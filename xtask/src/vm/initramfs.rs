@@ -1,6 +1,7 @@
 //! The guest's initramfs: busybox, the host programs the testbed runs (with the
-//! shared libraries `ldd` names), the kernel modules the tests need, the agent, the
-//! eBPF objects, the test binaries and `/init` (`xtask/vm/init`). Staged in
+//! shared libraries `ldd` names) or, for a guest of another architecture, those of
+//! its Debian packages ([`super::userland`]), the kernel modules the tests need, the
+//! agent, the eBPF objects, the test binaries and `/init` (`xtask/vm/init`). Staged in
 //! `target/vm/rootfs/` (removed afterwards unless kept), archived with `cpio -H newc`
 //! and gzip into `target/vm/initramfs.cpio.gz`.
 
@@ -15,8 +16,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{Selection, kernel::Kernel};
-use crate::{exec, setup, workspace::find_binary};
+use super::{Selection, kernel::Kernel, userland};
+use crate::{arch::Arch, exec, setup, workspace::find_binary};
 
 /// The guest's `/init`.
 const INIT: &str = include_str!("../../vm/init");
@@ -26,8 +27,8 @@ const INIT: &str = include_str!("../../vm/init");
 /// nftables, xfrm and ESP, openvswitch for a real weaver's fast datapath) and the
 /// crypto and library modules they pull in. Anything the kernel requests from these
 /// loads by itself.
+/// The architecture's own crypto modules are added ([`arch_module_dir`]).
 const MODULE_DIRS: &[&str] = &[
-    "arch/x86/crypto",
     "crypto",
     "lib",
     "net/802",
@@ -48,6 +49,14 @@ const MODULE_DIRS: &[&str] = &[
     "net/xfrm",
     "drivers/net/vxlan",
 ];
+
+/// The module subtree of `arch`'s accelerated crypto.
+fn arch_module_dir(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "arch/x86/crypto",
+        Arch::Aarch64 => "arch/arm64/crypto",
+    }
+}
 
 /// Single modules copied besides [`MODULE_DIRS`]: the link kinds the testbed creates.
 const MODULE_FILES: &[&str] = &[
@@ -81,8 +90,14 @@ pub struct Contents<'a> {
     pub agent: &'a Path,
     /// The eBPF object.
     pub ebpf_object: &'a Path,
-    /// The variant eBPF object.
-    pub ebpf_variant_object: &'a Path,
+    /// The variant eBPF object, if the tests get one.
+    pub ebpf_variant_object: Option<&'a Path>,
+    /// The guest's architecture.
+    pub arch: Arch,
+    /// For a guest of another architecture than the host's: the unpacked Debian
+    /// packages its programs and libraries come from ([`userland::fetch`]); the
+    /// binaries given here are then taken as they are (static, already stripped).
+    pub userland: Option<&'a Path>,
     /// Test binaries by file name.
     pub tests: &'a [(String, PathBuf)],
     /// What the guest runs.
@@ -100,7 +115,7 @@ pub fn build(vm_dir: &Path, contents: &Contents<'_>, keep: bool) -> Result<PathB
     if root.exists() {
         fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     }
-    let mut stage = Stage::new(&root)?;
+    let mut stage = Stage::new(&root, contents.userland.is_some())?;
     stage.populate(contents)?;
     let archive = vm_dir.join("initramfs.cpio.gz");
     let result = archive_to(&root, &archive);
@@ -122,10 +137,12 @@ struct Stage {
     root: PathBuf,
     /// Libraries already copied (host paths).
     libs: BTreeSet<PathBuf>,
+    /// Another architecture's guest: no `ldd`, no `objcopy`.
+    foreign: bool,
 }
 
 impl Stage {
-    fn new(root: &Path) -> Result<Self> {
+    fn new(root: &Path, foreign: bool) -> Result<Self> {
         for dir in [
             "bin",
             "sbin",
@@ -150,37 +167,55 @@ impl Stage {
         Ok(Self {
             root: root.to_path_buf(),
             libs: BTreeSet::new(),
+            foreign,
         })
     }
 
     fn populate(&mut self, c: &Contents<'_>) -> Result<()> {
-        let programs: Vec<&str> = setup::DEBIAN_TOOLS
-            .iter()
-            .map(|&(binary, _)| binary)
-            .filter(|binary| *binary != "strip")
-            .collect();
-        self.busybox(&programs)?;
-        for program in &programs {
-            let path = find_binary(program)
-                .with_context(|| format!("`{program}` is not installed (`cargo xtask setup`)"))?;
-            self.program(&path, &path)?;
+        if let Some(userland) = c.userland {
+            self.busybox(userland::PROGRAMS, &userland.join("bin/busybox"))?;
+            for program in userland::PROGRAMS {
+                let guest = userland::find(userland, program)?;
+                let host = userland.join(guest.strip_prefix("/").unwrap_or(&guest));
+                copy(&host, &self.path(&guest)?)?;
+            }
+            // The packages' shared libraries and the dynamic loader, where they were.
+            for dir in ["lib", "usr/lib"] {
+                copy_tree(&userland.join(dir), &self.root.join(dir))?;
+            }
+        } else {
+            let programs: Vec<&str> = setup::DEBIAN_TOOLS
+                .iter()
+                .map(|&(binary, _)| binary)
+                .filter(|binary| *binary != "strip")
+                .collect();
+            let busybox = find_binary("busybox").context("busybox is not installed")?;
+            self.busybox(&programs, &busybox)?;
+            for program in &programs {
+                let path = find_binary(program).with_context(|| {
+                    format!("`{program}` is not installed (`cargo xtask setup`)")
+                })?;
+                self.program(&path, &path)?;
+            }
         }
-        self.modules(c.kernel)?;
+        self.modules(c.kernel, c.arch)?;
         self.stripped(c.agent, guest::AGENT)?;
         self.file(c.ebpf_object, guest::EBPF_OBJECT)?;
-        self.file(c.ebpf_variant_object, guest::EBPF_VARIANT_OBJECT)?;
         for (name, binary) in c.tests {
             self.stripped(binary, &format!("{}/{name}", guest::TESTS))?;
         }
         let mut env = vec![
             ("WEFT_AGENT_BIN", guest::AGENT.to_owned()),
             ("WEFT_EBPF_OBJECT", guest::EBPF_OBJECT.to_owned()),
-            (
-                "WEFT_EBPF_VARIANT_OBJECT",
-                guest::EBPF_VARIANT_OBJECT.to_owned(),
-            ),
             ("WEFT_VM_TEST_TIMEOUT", c.test_timeout.to_string()),
         ];
+        if let Some(variant) = c.ebpf_variant_object {
+            self.file(variant, guest::EBPF_VARIANT_OBJECT)?;
+            env.push((
+                "WEFT_EBPF_VARIANT_OBJECT",
+                guest::EBPF_VARIANT_OBJECT.to_owned(),
+            ));
+        }
         if let Some(weaver) = c.weaver {
             self.program(weaver, Path::new(guest::WEAVER))?;
             self.iptables()?;
@@ -219,13 +254,14 @@ impl Stage {
         self.write("etc/profile", "PS1='weft-vm# '\n", 0o644)
     }
 
-    /// Busybox and a link for each of its applets, except the names in `programs`
-    /// (Debian's static busybox prefers its own applets to `$PATH`: an applet named
-    /// like a host program would shadow it in the guest's shell).
-    fn busybox(&mut self, programs: &[&str]) -> Result<()> {
-        let busybox = find_binary("busybox").context("busybox is not installed")?;
-        self.program(&busybox, Path::new("/bin/busybox"))?;
-        let list = exec::output(Command::new(&busybox).arg("--list-full"))?;
+    /// Busybox (the guest's: `binary`) and a link for each of its applets, except the
+    /// names in `programs` (Debian's static busybox prefers its own applets to `$PATH`:
+    /// an applet named like a host program would shadow it in the guest's shell). The
+    /// applet list comes from the host's busybox, the same Debian package.
+    fn busybox(&mut self, programs: &[&str], binary: &Path) -> Result<()> {
+        let host_busybox = find_binary("busybox").context("busybox is not installed")?;
+        self.program(binary, Path::new("/bin/busybox"))?;
+        let list = exec::output(Command::new(&host_busybox).arg("--list-full"))?;
         for applet in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let name = applet.rsplit('/').next().unwrap_or(applet);
             if name == "busybox" || programs.contains(&name) {
@@ -257,6 +293,9 @@ impl Stage {
     /// Copies the libraries `ldd` lists for `binary` (none for a static one) to their
     /// host paths in the guest.
     fn libraries(&mut self, binary: &Path) -> Result<()> {
+        if self.foreign {
+            return Ok(());
+        }
         let out = Command::new("ldd")
             .arg(binary)
             .stdin(Stdio::null())
@@ -283,6 +322,11 @@ impl Stage {
     /// --strip-debug`), then its libraries.
     fn stripped(&mut self, host: &Path, guest: &str) -> Result<()> {
         let dest = self.path(Path::new(guest))?;
+        if self.foreign {
+            // The host's objcopy knows only its own architecture; these binaries were
+            // built stripped.
+            return copy(host, &dest);
+        }
         let status = Command::new("objcopy")
             .arg("--strip-debug")
             .arg(host)
@@ -328,9 +372,9 @@ impl Stage {
 
     /// The kernel modules of [`MODULE_DIRS`] and [`MODULE_FILES`], with `modules.dep`
     /// and `modules.alias` from `depmod -b`.
-    fn modules(&mut self, kernel: &Kernel) -> Result<()> {
+    fn modules(&mut self, kernel: &Kernel, arch: Arch) -> Result<()> {
         let dest = self.root.join("lib/modules").join(&kernel.release);
-        for dir in MODULE_DIRS {
+        for dir in MODULE_DIRS.iter().chain([&arch_module_dir(arch)]) {
             copy_tree(
                 &kernel.modules.join("kernel").join(dir),
                 &dest.join("kernel").join(dir),

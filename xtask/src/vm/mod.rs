@@ -1,6 +1,10 @@
 //! `cargo xtask vm-test`: runs the kernel-dependent integration tests inside a QEMU
 //! guest booted with Debian 12's 6.1 kernel, a kernel without TCX (so the agent uses
 //! netlink `cls_bpf` filters under `clsact`) that the development machines do not run.
+//! With `--arch arm64`, the guest is Debian's arm64 kernel under
+//! `qemu-system-aarch64` (TCG): the static aarch64 agent with its aarch64 eBPF object,
+//! test binaries cross-built for `aarch64-unknown-linux-musl`, and arm64 iproute2 and
+//! ping from Debian's packages ([`userland`]); [`DEFAULT_TESTS_ARM64`] by default.
 //!
 //! Stages: the Debian tools it needs ([`setup::vm_tools`]), the kernel ([`kernel`]),
 //! the release agent and the eBPF objects ([`build`]), the test binaries (`cargo test
@@ -12,6 +16,7 @@ mod initramfs;
 mod kernel;
 mod qemu;
 mod report;
+mod userland;
 
 use std::{
     collections::BTreeMap,
@@ -22,6 +27,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::{
+    arch::Arch,
     build, exec, setup,
     workspace::{TESTBED_PACKAGE, Workspace},
 };
@@ -53,6 +59,16 @@ pub const DEFAULT_TESTS: &[&str] = &[
     "weave_interop::weaver_and_weft_over_fastdp",
 ];
 
+/// What runs in the arm64 guest by default (`--arch arm64`): the eBPF programs on an
+/// arm64 kernel, and two agents carrying ping and TCP between two namespaces. Kept
+/// short: TCG emulates every arm64 instruction, and `cargo xtask test` runs it in CI.
+pub const DEFAULT_TESTS_ARM64: &[&str] = &[
+    // The eBPF programs, JITed for arm64, through BPF_PROG_TEST_RUN.
+    "prog_test_run",
+    // Two agents over the fast datapath: ping and TCP between their namespaces.
+    "mesh::two_wefts_mesh_over_the_fast_datapath",
+];
+
 /// Options of `cargo xtask vm-test`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -61,6 +77,9 @@ pub struct Args {
     /// list in `xtask/src/vm/mod.rs` (none with `--shell`).
     #[arg(value_name = "TEST-FILTER")]
     pub tests: Vec<String>,
+    /// The guest's architecture: x86_64 (amd64) or arm64 (aarch64, emulated).
+    #[arg(long, default_value = "x86_64", value_parser = parse_arch)]
+    pub arch: Arch,
     /// After the tests, give the guest's console a shell (the terminal talks to it;
     /// `exit` powers the guest off). No overall timeout.
     #[arg(long)]
@@ -80,12 +99,17 @@ impl Default for Args {
     fn default() -> Self {
         Self {
             tests: Vec::new(),
+            arch: Arch::X86_64,
             shell: false,
             keep: false,
             timeout: 900,
             test_timeout: 300,
         }
     }
+}
+
+fn parse_arch(text: &str) -> Result<Arch> {
+    Arch::from_name(text)
 }
 
 /// The tests of one file that run in the guest.
@@ -153,31 +177,60 @@ pub fn parse_selection<S: AsRef<str>>(args: &[S]) -> Result<Vec<Selection>> {
     Ok(out)
 }
 
-/// `cargo xtask vm-test`: the host tools, the builds, then [`run_built`].
+/// `cargo xtask vm-test`: the host tools, the builds, then the guest. For the host's
+/// architecture that is [`run_built`]; for another, the static agent of `--arch` and
+/// its eBPF object ([`build::build_static`]).
 pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
+    if args.arch != Arch::host()? {
+        setup::run(ws, setup::Mode::Quiet)?;
+        let agent = build::build_static(ws, args.arch)?;
+        let object = ws.ebpf_object_for(args.arch)?;
+        return run_guest(ws, args.arch, &agent, &object, None, args);
+    }
     let agent = build::run(ws, &build::Args { debug: false })?;
     let variant = build::build_ebpf_variant(ws)?;
     run_built(ws, &agent, &variant, args)
 }
 
-/// The VM run with the agent and variant eBPF object already built (`cargo xtask
-/// test` has them): installs what it needs, fetches the kernel, builds the test
-/// binaries and the initramfs, boots, and fails unless every selected test passed.
+/// The VM run of the host's architecture with the agent and variant eBPF object
+/// already built (`cargo xtask test` has them): see [`run_guest`].
 pub fn run_built(ws: &Workspace, agent: &Path, variant: &Path, args: &Args) -> Result<()> {
+    let arch = Arch::host()?;
+    run_guest(ws, arch, agent, &ws.ebpf_object(), Some(variant), args)
+}
+
+/// Installs what the run needs, fetches the kernel (and, for another architecture,
+/// its programs), builds the test binaries and the initramfs, boots, and fails unless
+/// every selected test passed.
+fn run_guest(
+    ws: &Workspace,
+    arch: Arch,
+    agent: &Path,
+    ebpf_object: &Path,
+    variant: Option<&Path>,
+    args: &Args,
+) -> Result<()> {
+    let foreign = arch != Arch::host()?;
+    let defaults = if foreign {
+        DEFAULT_TESTS_ARM64
+    } else {
+        DEFAULT_TESTS
+    };
     let selection = if args.tests.is_empty() && !args.shell {
-        parse_selection(DEFAULT_TESTS)?
+        parse_selection(defaults)?
     } else {
         parse_selection(&args.tests)?
     };
     let mut times = Times::default();
-    setup::vm_tools()?;
+    setup::vm_tools(arch)?;
 
     let t = Instant::now();
-    let kernel = kernel::fetch(ws)?;
+    let kernel = kernel::fetch(ws, arch)?;
+    let userland = foreign.then(|| userland::fetch(ws, arch)).transpose()?;
     times.add("kernel", t);
 
     let t = Instant::now();
-    let all_tests = test_binaries(ws)?;
+    let all_tests = test_binaries(ws, arch)?;
     let mut tests = Vec::new();
     for s in &selection {
         let binary = all_tests.get(&s.file).with_context(|| {
@@ -192,7 +245,11 @@ pub fn run_built(ws: &Workspace, agent: &Path, variant: &Path, args: &Args) -> R
     times.add("test build", t);
 
     let t = Instant::now();
-    let vm_dir = ws.target_dir.join("vm");
+    let vm_dir = if foreign {
+        ws.target_dir.join("vm").join(arch.oci())
+    } else {
+        ws.target_dir.join("vm")
+    };
     let weaver = std::env::var_os("WEFT_WEAVER")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
@@ -209,8 +266,10 @@ pub fn run_built(ws: &Workspace, agent: &Path, variant: &Path, args: &Args) -> R
         &initramfs::Contents {
             kernel: &kernel,
             agent,
-            ebpf_object: &ws.ebpf_object(),
+            ebpf_object,
             ebpf_variant_object: variant,
+            arch,
+            userland: userland.as_deref(),
             tests: &tests,
             selection: &selection,
             weaver: weaver.as_deref(),
@@ -221,7 +280,7 @@ pub fn run_built(ws: &Workspace, agent: &Path, variant: &Path, args: &Args) -> R
     times.add("initramfs", t);
 
     let t = Instant::now();
-    let accel = qemu::choose_accel(&kernel.vmlinuz, &initrd)?;
+    let accel = qemu::choose_accel(arch, &kernel.vmlinuz, &initrd)?;
     times.add("accelerator probe", t);
 
     let log = vm_dir.join("console.log");
@@ -233,6 +292,7 @@ pub fn run_built(ws: &Workspace, agent: &Path, variant: &Path, args: &Args) -> R
         log.display()
     );
     let outcome = qemu::boot(&qemu::Boot {
+        arch,
         kernel: &kernel.vmlinuz,
         initrd: &initrd,
         accel,
@@ -317,16 +377,29 @@ fn summarize(
     Ok(())
 }
 
-/// Builds the testbed's integration test binaries; returns them by file name.
-fn test_binaries(ws: &Workspace) -> Result<BTreeMap<String, PathBuf>> {
-    let json = exec::output(ws.cargo().args([
+/// Builds the testbed's integration test binaries for `arch` (for another
+/// architecture than the host's: static, for its musl target, without debug
+/// information, which the host's objcopy could not strip); returns them by file name.
+fn test_binaries(ws: &Workspace, arch: Arch) -> Result<BTreeMap<String, PathBuf>> {
+    let mut cmd = ws.cargo();
+    cmd.args([
         "test",
         "--package",
         TESTBED_PACKAGE,
         "--tests",
         "--no-run",
         "--message-format=json",
-    ]))?;
+    ]);
+    if arch != Arch::host()? {
+        setup::rust_target(ws, arch.musl_triple())?;
+        cmd.args(["--target", arch.musl_triple()]);
+        build::static_link_env(&mut cmd, arch);
+        for profile in ["DEV", "TEST"] {
+            cmd.env(format!("CARGO_PROFILE_{profile}_DEBUG"), "0")
+                .env(format!("CARGO_PROFILE_{profile}_STRIP"), "debuginfo");
+        }
+    }
+    let json = exec::output(&mut cmd)?;
     let mut out = BTreeMap::new();
     for line in json.lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -413,7 +486,9 @@ mod tests {
 
     #[test]
     fn default_tests_parse() {
-        let s = parse_selection(DEFAULT_TESTS).unwrap();
-        assert!(!s.is_empty());
+        for list in [DEFAULT_TESTS, DEFAULT_TESTS_ARM64] {
+            let s = parse_selection(list).unwrap();
+            assert!(!s.is_empty());
+        }
     }
 }

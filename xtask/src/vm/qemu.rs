@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::report::Report;
+use crate::arch::Arch;
 
 /// Chooses the accelerator instead of the probe: `kvm` or `tcg`.
 pub const ACCEL_ENV: &str = "WEFT_VM_ACCEL";
@@ -35,11 +36,16 @@ pub enum Accel {
 }
 
 impl Accel {
-    /// `-accel` and `-cpu` for QEMU.
-    fn args(self) -> [&'static str; 4] {
-        match self {
-            Self::Kvm => ["-accel", "kvm", "-cpu", "host"],
-            Self::Tcg => ["-accel", "tcg", "-cpu", "max"],
+    /// `-accel` and `-cpu` for QEMU (and `-M` for arm64). An arm64 guest under TCG
+    /// gets a Cortex-A72: `max` emulates pointer authentication, 3-4 times slower.
+    fn args(self, arch: Arch) -> Vec<&'static str> {
+        match (arch, self) {
+            (Arch::X86_64, Self::Kvm) => vec!["-accel", "kvm", "-cpu", "host"],
+            (Arch::X86_64, Self::Tcg) => vec!["-accel", "tcg", "-cpu", "max"],
+            (Arch::Aarch64, Self::Kvm) => vec!["-M", "virt", "-accel", "kvm", "-cpu", "host"],
+            (Arch::Aarch64, Self::Tcg) => {
+                vec!["-M", "virt", "-accel", "tcg", "-cpu", "cortex-a72"]
+            }
         }
     }
 
@@ -76,6 +82,8 @@ impl Mode {
 /// One boot.
 #[derive(Debug)]
 pub struct Boot<'a> {
+    /// The guest's architecture.
+    pub arch: Arch,
     /// The kernel image.
     pub kernel: &'a Path,
     /// The initramfs.
@@ -117,7 +125,7 @@ pub struct Outcome {
 /// Picks the accelerator: [`ACCEL_ENV`] when set; TCG without a usable `/dev/kvm`;
 /// otherwise KVM if a probe boot with it reaches `/init` within [`PROBE_TIMEOUT`].
 /// Says which and why.
-pub fn choose_accel(kernel: &Path, initrd: &Path) -> Result<Accel> {
+pub fn choose_accel(arch: Arch, kernel: &Path, initrd: &Path) -> Result<Accel> {
     match std::env::var(ACCEL_ENV).as_deref() {
         Ok("kvm") => {
             eprintln!("vm: accelerator kvm ({ACCEL_ENV}=kvm)");
@@ -131,6 +139,13 @@ pub fn choose_accel(kernel: &Path, initrd: &Path) -> Result<Accel> {
         Ok(other) => bail!("{ACCEL_ENV}={other}: expected `kvm` or `tcg`"),
         Err(e) => bail!("{ACCEL_ENV}: {e}"),
     }
+    if arch != Arch::host()? {
+        eprintln!(
+            "vm: accelerator tcg (an {arch} guest on an {} host)",
+            Arch::host()?
+        );
+        return Ok(Accel::Tcg);
+    }
     if fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -141,6 +156,7 @@ pub fn choose_accel(kernel: &Path, initrd: &Path) -> Result<Accel> {
         return Ok(Accel::Tcg);
     }
     let probe = boot(&Boot {
+        arch,
         kernel,
         initrd,
         accel: Accel::Kvm,
@@ -174,8 +190,12 @@ pub fn choose_accel(kernel: &Path, initrd: &Path) -> Result<Accel> {
 
 /// Boots once and waits for the end: the guest powering off, or the timeout.
 pub fn boot(boot: &Boot<'_>) -> Result<Outcome> {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(boot.accel.args())
+    let (qemu_binary, serial) = match boot.arch {
+        Arch::X86_64 => ("qemu-system-x86_64", "ttyS0"),
+        Arch::Aarch64 => ("qemu-system-aarch64", "ttyAMA0"),
+    };
+    let mut cmd = Command::new(qemu_binary);
+    cmd.args(boot.accel.args(boot.arch))
         .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
         .args(["-nic", "none", "-monitor", "none", "-serial", "stdio"])
         .arg("-kernel")
@@ -184,7 +204,7 @@ pub fn boot(boot: &Boot<'_>) -> Result<Outcome> {
         .arg(boot.initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 loglevel=4 panic=-1 weft.mode={}",
+            "console={serial} loglevel=4 panic=-1 weft.mode={}",
             boot.mode.name()
         ))
         .stdout(Stdio::piped());
@@ -218,7 +238,7 @@ pub fn boot(boot: &Boot<'_>) -> Result<Outcome> {
     let started = Instant::now();
     let mut qemu = Guard(
         cmd.spawn()
-            .context("could not start qemu-system-x86_64 (Debian: qemu-system-x86)")?,
+            .with_context(|| format!("could not start {qemu_binary} (`cargo xtask setup`)"))?,
     );
     let shared = Arc::new(Mutex::new((Report::default(), None::<Duration>)));
     let stdout = qemu.0.stdout.take().context("qemu has no stdout")?;
