@@ -38,16 +38,15 @@ mod xfrm;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing_subscriber::{
     filter::{LevelFilter, Targets},
     prelude::*,
 };
 
-use crate::cli::{Cli, Command, StatusArgs, StatusWhat};
+use crate::cli::{Command, StatusArgs, StatusWhat};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::parse();
     // `WEFT_LOG=debug`, or directives like `WEFT_LOG=weft=debug,aya=info`.
     // tracing's `Targets` takes the same `weft=debug,aya=info` directives (and a bare
     // level) as its EnvFilter, without EnvFilter's regex engine (~0.4 MB of a 2.8 MB

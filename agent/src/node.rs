@@ -100,35 +100,65 @@ fn random_32() -> [u8; 32] {
     b
 }
 
-/// The password: `--password-file` (one trailing newline dropped), else
-/// `WEAVE_PASSWORD`. Never logged.
+/// The Secret the manifest passes as `WEAVE_PASSWORD` (Weave's name for it, so a
+/// cluster moving from Weave keeps its Secret).
+pub const PASSWORD_SECRET: &str = "weave-passwd";
+
+/// The password, as the encryption switch decides: with `--encrypt-network=false`
+/// none (a password given is ignored); otherwise `--password-file` (one trailing
+/// newline dropped), else `WEAVE_PASSWORD`, and with `--encrypt-network=true` one
+/// must be given. Never logged.
 fn load_password(args: &RunArgs) -> anyhow::Result<Option<Password>> {
-    use std::io::Read;
-    if let Some(path) = &args.password_file {
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_PASSWORD_FILE + 1).read_to_end(&mut bytes))
-            .with_context(|| format!("reading the password file {}", path.display()))?;
-        if bytes.len() as u64 > MAX_PASSWORD_FILE {
-            bail!(
-                "the password file {} is longer than {MAX_PASSWORD_FILE} bytes",
-                path.display()
+    let env_password = || std::env::var_os("WEAVE_PASSWORD").filter(|p| !p.is_empty());
+    if args.encrypt_network == Some(false) {
+        if args.password_file.is_some() || env_password().is_some() {
+            tracing::info!(
+                "encryption is off (--encrypt-network=false): the password given is ignored"
             );
         }
-        if bytes.ends_with(b"\n") {
-            bytes.pop();
-            if bytes.ends_with(b"\r") {
-                bytes.pop();
-            }
-        }
-        if bytes.is_empty() {
-            bail!("the password file {} is empty", path.display());
-        }
-        return Ok(Some(Password::new(bytes)));
+        return Ok(None);
     }
-    Ok(std::env::var_os("WEAVE_PASSWORD")
-        .filter(|p| !p.is_empty())
-        .map(|p| Password::new(std::os::unix::ffi::OsStringExt::into_vec(p))))
+    let password = match &args.password_file {
+        Some(path) => Some(read_password_file(path)?),
+        None => env_password().map(|p| Password::new(std::os::unix::ffi::OsStringExt::into_vec(p))),
+    };
+    if password.is_none() && args.encrypt_network == Some(true) {
+        bail!(
+            "encryption is on (--encrypt-network=true, or WEFT_ENCRYPT_NETWORK) but no \
+             password is set: on Kubernetes create the Secret {PASSWORD_SECRET} in the \
+             agent's namespace (kubectl -n kube-system create secret generic \
+             {PASSWORD_SECRET} --from-file={PASSWORD_SECRET}=FILE), which the manifest \
+             passes as WEAVE_PASSWORD; elsewhere set WEAVE_PASSWORD or --password-file; \
+             or run unencrypted with --encrypt-network=false"
+        );
+    }
+    Ok(password)
+}
+
+/// Reads a password file: at most [`MAX_PASSWORD_FILE`] bytes, one trailing newline
+/// dropped, not empty.
+fn read_password_file(path: &std::path::Path) -> anyhow::Result<Password> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PASSWORD_FILE + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("reading the password file {}", path.display()))?;
+    if bytes.len() as u64 > MAX_PASSWORD_FILE {
+        bail!(
+            "the password file {} is longer than {MAX_PASSWORD_FILE} bytes",
+            path.display()
+        );
+    }
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    if bytes.is_empty() {
+        bail!("the password file {} is empty", path.display());
+    }
+    Ok(Password::new(bytes))
 }
 
 /// The host name, for the default nickname.
@@ -171,6 +201,7 @@ async fn default_name(net: &Netdev, bridge: &str) -> anyhow::Result<PeerName> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // 1. Checks that change nothing.
     let password = load_password(&args)?;
+    let peer_specs = args.initial_peers().map_err(anyhow::Error::msg)?;
     let net = Netdev::connect()?;
     let (underlay, addrs) = agent::underlay(&args, &net).await?;
     let Some(&(address, _)) = addrs.first() else {
@@ -185,7 +216,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let nickname = args.nickname.clone().unwrap_or_else(hostname);
     let mut targets = Vec::new();
-    for spec in &args.peers {
+    for spec in &peer_specs {
         targets.push(resolve_target(spec, args.port).await?);
     }
     let Prepared {

@@ -22,6 +22,9 @@ pub fn run(ws: &Workspace) -> Result<()> {
             .env("WEFT_EBPF_OBJECT", ws.ebpf_object())
             .env("WEFT_EBPF_VARIANT_OBJECT", &variant)
             .env("WEFT_AGENT_BIN", &agent);
+        if let Some(validator) = crate::setup::kubernetes_validate_bin(ws) {
+            cmd.env("WEFT_KUBERNETES_VALIDATE", validator);
+        }
         cmd
     };
     let mut stages: Vec<(&str, Result<()>)> = Vec::new();
