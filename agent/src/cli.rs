@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! weft run [--name PEERNAME] [--nickname NICK] [--password-file FILE] [--no-fastdp]
+//!          [--encrypt-network BOOL] [--kube-peers]
 //!          [--iface IFACE] [--mtu N] [--bridge NAME] [--port N] [--socket PATH]
 //!          [--http-addr ADDR] [--status-addr ADDR] [--bpffs PATH] [PEER...]
 //! weft run --name PEERNAME --peers-file FILE [...]          (static peers, no mesh)
@@ -108,6 +109,21 @@ pub struct RunArgs {
         value_parser = BoolishValueParser::new(),
     )]
     pub no_fastdp: bool,
+    /// Peers from the Kubernetes API: every node's InternalIP (this node's
+    /// excepted), followed as nodes come and go (Weave's DaemonSet's way). Needs the
+    /// pod's service account, or a KUBECONFIG.
+    #[arg(
+        long,
+        env = "WEFT_KUBE_PEERS",
+        num_args = 0,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = BoolishValueParser::new(),
+    )]
+    pub kube_peers: bool,
+    /// Seconds between reads of the Kubernetes node list (tests).
+    #[arg(long, value_name = "SECS", default_value_t = 60, hide = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub kube_peers_interval: u64,
     /// Most control connections at once (Weave's `--conn-limit`).
     #[arg(long, value_name = "N", env = "CONN_LIMIT", default_value_t = 200)]
     pub conn_limit: usize,
@@ -121,7 +137,7 @@ pub struct RunArgs {
     pub status_addr: Endpoint,
     /// Static mode: the peers file (TOML, one [[peer]] entry per host, this one
     /// included) instead of a mesh; needs --name.
-    #[arg(long, value_name = "FILE", requires = "name", conflicts_with_all = ["peers", "password_file", "no_fastdp"])]
+    #[arg(long, value_name = "FILE", requires = "name", conflicts_with_all = ["peers", "password_file", "no_fastdp", "kube_peers"])]
     pub peers_file: Option<PathBuf>,
     /// Overlay MTU: the largest IP packet containers may send.
     #[arg(
@@ -512,6 +528,7 @@ mod tests {
         assert_eq!(env("conn_limit").as_deref(), Some("CONN_LIMIT"));
         assert_eq!(env("no_fastdp").as_deref(), Some("WEAVE_NO_FASTDP"));
         assert_eq!(env("nickname").as_deref(), Some("HOSTNAME"));
+        assert_eq!(env("kube_peers").as_deref(), Some("WEFT_KUBE_PEERS"));
         assert_eq!(
             env("encrypt_network").as_deref(),
             Some("WEFT_ENCRYPT_NETWORK")

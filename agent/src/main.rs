@@ -11,6 +11,7 @@
 //! [`maps`] (the map chokepoint), [`datapath`] (desired state -> maps), [`control`]
 //! (the local socket), [`status`] (Weave-style output), [`api`] (Weave's HTTP status
 //! endpoints), [`metrics`] (Prometheus), [`xfrm`] (IPsec SAs and policies),
+//! [`kube_peers`] (peers from the Kubernetes API),
 //! [`agent`] (the lifecycle).
 
 mod agent;
@@ -19,6 +20,8 @@ mod cli;
 mod control;
 mod datapath;
 mod esp;
+#[cfg(feature = "kubernetes")]
+mod kube_peers;
 mod loader;
 mod maps;
 mod metrics;
@@ -61,7 +64,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Err(_) => Targets::new().with_default(LevelFilter::INFO),
+        // The Kubernetes client logs each failed request itself, with the answer's
+        // body; the agent's own warning says what failed (`WEFT_LOG=debug` shows both).
+        Err(_) => Targets::new()
+            .with_default(LevelFilter::INFO)
+            .with_target("kube_client", LevelFilter::OFF),
     };
     tracing_subscriber::registry()
         .with(

@@ -202,6 +202,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // 1. Checks that change nothing.
     let password = load_password(&args)?;
     let peer_specs = args.initial_peers().map_err(anyhow::Error::msg)?;
+    #[cfg(not(feature = "kubernetes"))]
+    if args.kube_peers {
+        bail!(
+            "--kube-peers (WEFT_KUBE_PEERS): this weft was built without the `kubernetes` \
+             feature; give the peers in KUBE_PEERS or as arguments"
+        );
+    }
     let net = Netdev::connect()?;
     let (underlay, addrs) = agent::underlay(&args, &net).await?;
     let Some(&(address, _)) = addrs.first() else {
@@ -215,6 +222,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => default_name(&net, &args.bridge).await?,
     };
     let nickname = args.nickname.clone().unwrap_or_else(hostname);
+    #[cfg(feature = "kubernetes")]
+    let kube = match args.kube_peers {
+        true => {
+            let me = crate::kube_peers::Me {
+                node_name: nickname.clone(),
+                addresses: addrs.iter().map(|(a, _)| *a).collect(),
+            };
+            let follower = crate::kube_peers::Follower::new(me, peer_specs.clone()).await?;
+            Some(follower.with_interval(Duration::from_secs(args.kube_peers_interval)))
+        }
+        false => None,
+    };
     let mut targets = Vec::new();
     for spec in &peer_specs {
         targets.push(resolve_target(spec, args.port).await?);
@@ -466,8 +485,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let http = agent::serve_http(http, source);
     tokio::spawn(accept_loop(listener, events_tx.clone()));
+    #[cfg(feature = "kubernetes")]
+    let kube = kube.map(|follower| {
+        let events = events_tx.clone();
+        tokio::spawn(follower.run(move |change| {
+            let send = |connect: bool, specs: Vec<String>| {
+                if specs.is_empty() {
+                    return Ok(());
+                }
+                let peers = match connect {
+                    true => specs
+                        .iter()
+                        .filter_map(|s| DirectPeer::parse_literal(s).ok())
+                        .collect(),
+                    false => Vec::new(),
+                };
+                events
+                    .send(Input::Targets {
+                        connect,
+                        peers,
+                        specs,
+                    })
+                    .map_err(|_| "the agent is stopping".to_owned())
+            };
+            send(true, change.added)?;
+            send(false, change.removed)
+        }))
+    });
     let outcome = node.serve(events, dp_events, &mut signals).await;
     for task in &http {
+        task.abort();
+    }
+    #[cfg(feature = "kubernetes")]
+    if let Some(task) = kube {
         task.abort();
     }
     server.abort();

@@ -22,6 +22,7 @@ pub mod bench_topology;
 pub mod bpf;
 pub mod cmd;
 pub mod demo;
+pub mod fake_kube;
 pub mod manifest;
 pub mod netns;
 pub mod pcap;
