@@ -97,14 +97,50 @@ mod client {
     use std::collections::BTreeSet;
 
     use anyhow::Context;
-    use k8s_openapi::api::core::v1::Node;
-    use kube::{Api, api::ListParams};
+    use serde::Deserialize;
 
     use super::{Change, INTERVAL, Me, NodeEntry, READ_TIMEOUT, RETRY, peers_of};
 
+    /// The path of the node list.
+    const NODES: &str = "/api/v1/nodes";
+
+    /// The part of a `NodeList` weft reads. Decoding only this, rather than
+    /// k8s-openapi's whole `Node`, keeps ~1 MB of deserialisers out of the agent.
+    #[derive(Debug, Deserialize)]
+    struct NodeList {
+        items: Vec<NodeItem>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct NodeItem {
+        #[serde(default)]
+        metadata: Metadata,
+        #[serde(default)]
+        status: Option<NodeStatus>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    struct Metadata {
+        #[serde(default)]
+        name: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct NodeStatus {
+        #[serde(default)]
+        addresses: Vec<NodeAddress>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct NodeAddress {
+        #[serde(rename = "type")]
+        kind: String,
+        address: String,
+    }
+
     /// Follows the node list.
     pub struct Follower {
-        api: Api<Node>,
+        client: kube::Client,
         me: Me,
         keep: Vec<String>,
         interval: std::time::Duration,
@@ -125,7 +161,7 @@ mod client {
             let client = kube::Client::try_from(config)
                 .context("--kube-peers: creating the Kubernetes API client")?;
             Ok(Follower {
-                api: Api::all(client),
+                client,
                 me,
                 keep,
                 interval: INTERVAL,
@@ -141,22 +177,27 @@ mod client {
 
         /// Lists the nodes.
         async fn nodes(&self) -> anyhow::Result<Vec<NodeEntry>> {
-            let list = self
-                .api
-                .list(&ListParams::default())
+            let request = http::Request::get(NODES)
+                .body(Vec::new())
+                .context("building the request")?;
+            let text = self
+                .client
+                .request_text(request)
                 .await
                 .context("listing the nodes")?;
+            let list: NodeList = serde_json::from_str(&text)
+                .context("listing the nodes: the answer is not a NodeList")?;
             Ok(list
                 .items
                 .into_iter()
                 .map(|n| NodeEntry {
-                    name: n.metadata.name.unwrap_or_default(),
+                    name: n.metadata.name,
                     internal_ips: n
                         .status
-                        .and_then(|s| s.addresses)
+                        .map(|s| s.addresses)
                         .unwrap_or_default()
                         .into_iter()
-                        .filter(|a| a.type_ == "InternalIP")
+                        .filter(|a| a.kind == "InternalIP")
                         .filter_map(|a| a.address.parse().ok())
                         .collect(),
                 })
