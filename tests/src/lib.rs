@@ -27,6 +27,7 @@ pub mod manifest;
 pub mod netns;
 pub mod pcap;
 pub mod peers;
+pub mod podman;
 pub mod signal;
 pub mod synthetic;
 pub mod testbed;

@@ -39,6 +39,9 @@ pub const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
     ("nft", "nftables"),
+    // The DaemonSet test runs the manifest's pod with podman (runc as its runtime).
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// What `cargo xtask vm-test` needs on top of [`DEBIAN_TOOLS`], installed only when it
