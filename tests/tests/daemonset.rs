@@ -75,6 +75,28 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// The image reference for `WEFT_IMAGE`: itself, or what loading the archive it
+/// names gave (then removed by `cleanup` unless the store had it before).
+fn resolve_image(podman: &Podman, cleanup: &mut Cleanup, image: String) -> String {
+    if Path::new(&image).is_file() {
+        let before = podman
+            .run(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
+            .must("podman images");
+        let r = podman.load(Path::new(&image)).must("podman load");
+        // Removed after the test only if the load brought it.
+        if !before.lines().any(|l| l.trim() == r) {
+            cleanup.loaded_image = Some(r.clone());
+        }
+        r
+    } else {
+        assert!(
+            podman.image_exists(&image),
+            "{IMAGE_ENV}={image}: no such image in root's podman store"
+        );
+        image
+    }
+}
+
 /// A node's own directories in place of the host paths.
 struct NodeDirs {
     run: PathBuf,
@@ -124,17 +146,31 @@ fn set_env(container: &mut Value, name: &str, value: &str) {
     env.push(json!({"name": name, "value": value}));
 }
 
+/// What a node's pod gets besides its directories.
+struct PodSettings<'a> {
+    image: &'a str,
+    /// `KUBE_PEERS`.
+    peers: &'a str,
+    /// `WEAVE_PASSWORD`, as the Secret would give it.
+    password: Option<&'a str>,
+    /// Keep the init container (the image's weft has `install-cni`).
+    with_init: bool,
+}
+
 /// The pod of node `n`, from the DaemonSet's template.
 fn node_pod(
     daemonset: &Value,
     tb: &Testbed,
     n: u8,
-    image: &str,
     dirs: &NodeDirs,
-    peers: &str,
-    password: Option<&str>,
-    with_init: bool,
+    settings: &PodSettings,
 ) -> Value {
+    let PodSettings {
+        image,
+        peers,
+        password,
+        with_init,
+    } = *settings;
     let mut pod = pod_from_daemonset(daemonset, &format!("weft-{}-n{n}", tb.prefix())).must("pod");
     let spec = &mut pod["spec"];
     if !with_init {
@@ -232,20 +268,10 @@ fn daemonset_pods_form_a_mesh() {
         pods: Vec::new(),
         loaded_image: None,
     };
-    let image = if Path::new(&image).is_file() {
-        let r = podman.load(Path::new(&image)).must("podman load");
-        cleanup.loaded_image = Some(r.clone());
-        r
-    } else {
-        assert!(
-            podman.image_exists(&image),
-            "{IMAGE_ENV}={image}: no such image in root's podman store"
-        );
-        image
-    };
+    let image = resolve_image(&podman, &mut cleanup, image);
     // Whether the image's weft has `install-cni` (the init container's command).
-    let has_install_cni = podman
-        .run(&[
+    let probe = weft_testbed::cmd::output(
+        podman.command().args([
             "run",
             "--rm",
             "--network",
@@ -253,8 +279,18 @@ fn daemonset_pods_form_a_mesh() {
             &image,
             "install-cni",
             "--help",
-        ])
-        .is_ok();
+        ]),
+        Duration::from_secs(60),
+    )
+    .must("podman run");
+    let has_install_cni = probe.status.success();
+    if !has_install_cni {
+        let text = String::from_utf8_lossy(&probe.stderr);
+        assert!(
+            text.contains("unrecognized subcommand"),
+            "the image does not run: {text}"
+        );
+    }
 
     let text = std::fs::read_to_string(manifest::manifest_path()).must_io("reading the manifest");
     let docs = documents(&text).must("manifest");
@@ -269,16 +305,14 @@ fn daemonset_pods_form_a_mesh() {
             .filter(|&p| p != n)
             .map(|p| addrs[usize::from(p) - 1].to_string())
             .collect();
-        let pod = node_pod(
-            &daemonset,
-            &tb,
-            n,
-            &image,
-            &dirs,
-            &peers.join(" "),
-            Some(PASSWORD),
-            has_install_cni,
-        );
+        let peers = peers.join(" ");
+        let settings = PodSettings {
+            image: &image,
+            peers: &peers,
+            password: Some(PASSWORD),
+            with_init: has_install_cni,
+        };
+        let pod = node_pod(&daemonset, &tb, n, &dirs, &settings);
         let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
         let file = tb.dir().join(format!("pod{n}.json"));
         std::fs::write(&file, serde_json::to_string_pretty(&pod).unwrap()).must_io("pod file");
@@ -365,10 +399,6 @@ fn without_the_secret_the_pod_says_how_to_create_it() {
     let Some(image) = image_or_skip() else {
         return;
     };
-    if Path::new(&image).is_file() {
-        println!("SKIPPED: without_the_secret...: runs with an image reference only");
-        return;
-    }
     let tb = bed(1, 0);
     let podman = Podman::new(tb.dir()).must("podman");
     let mut cleanup = Cleanup {
@@ -376,13 +406,20 @@ fn without_the_secret_the_pod_says_how_to_create_it() {
         pods: Vec::new(),
         loaded_image: None,
     };
+    let image = resolve_image(&podman, &mut cleanup, image);
     let text = std::fs::read_to_string(manifest::manifest_path()).must_io("reading the manifest");
     let docs = documents(&text).must("manifest");
     let daemonset = document(&docs, "DaemonSet").must("DaemonSet").clone();
     std::fs::create_dir_all(tb.bpffs_dir()).must_io("creating the bpffs directory");
     tb.add_default_route(1).must("default route");
     let dirs = NodeDirs::new(tb.dir(), 1);
-    let mut pod = node_pod(&daemonset, &tb, 1, &image, &dirs, "", None, false);
+    let settings = PodSettings {
+        image: &image,
+        peers: "",
+        password: None,
+        with_init: false,
+    };
+    let mut pod = node_pod(&daemonset, &tb, 1, &dirs, &settings);
     // Kubernetes restarts it; here it stays down so its log can be read.
     pod["spec"]["restartPolicy"] = json!("Never");
     let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
