@@ -119,6 +119,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (Some(peers_file), Some(name)) = (&args.peers_file, &args.name) else {
         return crate::node::run(args).await;
     };
+    if args.encrypt_network == Some(true) {
+        bail!(
+            "static mode (--peers-file) has no encryption, but --encrypt-network=true (or \
+             WEFT_ENCRYPT_NETWORK) asks for it"
+        );
+    }
     // 1. Everything that can be checked without changing the system.
     let peers = PeersFile::load(peers_file)?;
     let (me, remotes) = peers.split(name)?;

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! weft run [--name PEERNAME] [--nickname NICK] [--password-file FILE] [--no-fastdp]
+//!          [--encrypt-network BOOL] [--kube-peers]
 //!          [--iface IFACE] [--mtu N] [--bridge NAME] [--port N] [--socket PATH]
 //!          [--http-addr ADDR] [--status-addr ADDR] [--bpffs PATH]
 //!          [--ipalloc-range CIDR [--ipalloc-default-subnet CIDR]] [PEER...]
@@ -15,10 +16,17 @@
 //!
 //! As with `weave launch`, a PEER is `host[:port]` (port 6783 by default) and the
 //! password comes from `WEAVE_PASSWORD` unless `--password-file` is given.
+//!
+//! `weft run` also takes its options from the environment variables Weave's
+//! DaemonSet sets (`WEAVE_MTU`, `CONN_LIMIT`, `WEAVE_NO_FASTDP`, `HOSTNAME` for the
+//! nickname, `KUBE_PEERS` for the peers, `WEAVE_HTTP_ADDR`, `WEAVE_METRICS_ADDR`)
+//! and weft's own (`WEFT_ENCRYPT_NETWORK`, `WEFT_KUBE_PEERS`). A flag on the command
+//! line wins over its variable; as in Weave's launch script, an empty variable counts
+//! as unset ([`command`]).
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, builder::BoolishValueParser};
 use weft_common::wire::{CONTROL_PORT, DEFAULT_MTU};
 
 use crate::{
@@ -81,8 +89,9 @@ pub struct RunArgs {
     /// the bridge exists, else derived from the machine id as Weave derives it].
     #[arg(long, value_name = "PEERNAME")]
     pub name: Option<PeerName>,
-    /// This host's nickname, shown in status [default: the host name].
-    #[arg(long, value_name = "NICK")]
+    /// This host's nickname, shown in status [default: the host name]. Weave's
+    /// DaemonSet sets HOSTNAME to the node's name.
+    #[arg(long, value_name = "NICK", env = "HOSTNAME")]
     pub nickname: Option<String>,
     /// File holding the mesh password [default: the WEAVE_PASSWORD environment
     /// variable]. With a password, control connections and the sleeve are encrypted,
@@ -90,32 +99,61 @@ pub struct RunArgs {
     /// connections use the sleeve.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    /// Encryption: `true` refuses to start without a password, `false` runs
+    /// unencrypted and ignores any password (Weave's `encrypt-network=0`) [default:
+    /// encrypted if and only if a password is given].
+    #[arg(long, value_name = "BOOL", env = "WEFT_ENCRYPT_NETWORK", value_parser = BoolishValueParser::new())]
+    pub encrypt_network: Option<bool>,
     /// Seconds between renewals of a connection's IPsec keys (between wefts; a
     /// Weave router keeps its first keys).
     #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(5..=86_400 * 30))]
     pub ipsec_rekey_interval: u64,
-    /// Never use the fast datapath: every connection uses the sleeve.
-    #[arg(long)]
+    /// Never use the fast datapath: every connection uses the sleeve. The variable
+    /// takes true/false, 1/0, yes/no, on/off.
+    #[arg(
+        long,
+        env = "WEAVE_NO_FASTDP",
+        num_args = 0,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = BoolishValueParser::new(),
+    )]
     pub no_fastdp: bool,
+    /// Peers from the Kubernetes API: every node's InternalIP (this node's
+    /// excepted), followed as nodes come and go (Weave's DaemonSet's way). Needs the
+    /// pod's service account, or a KUBECONFIG.
+    #[arg(
+        long,
+        env = "WEFT_KUBE_PEERS",
+        num_args = 0,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = BoolishValueParser::new(),
+    )]
+    pub kube_peers: bool,
+    /// Seconds between reads of the Kubernetes node list (tests).
+    #[arg(long, value_name = "SECS", default_value_t = 60, hide = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub kube_peers_interval: u64,
     /// Most control connections at once (Weave's `--conn-limit`).
-    #[arg(long, value_name = "N", default_value_t = 200)]
+    #[arg(long, value_name = "N", env = "CONN_LIMIT", default_value_t = 200)]
     pub conn_limit: usize,
     /// Weave's HTTP status endpoints (`/status`, `/status/connections`,
     /// `/status/peers`, `/report`); an empty value turns them off.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6784", value_parser = parse_optional_addr)]
+    #[arg(long, value_name = "ADDR", env = "WEAVE_HTTP_ADDR", default_value = "127.0.0.1:6784", value_parser = parse_optional_addr)]
     pub http_addr: Endpoint,
     /// Status and Prometheus metrics (`/metrics`), as Weave's `--status-addr`; an
     /// empty value turns it off.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:6782", value_parser = parse_optional_addr)]
+    #[arg(long, value_name = "ADDR", env = "WEAVE_METRICS_ADDR", default_value = "0.0.0.0:6782", value_parser = parse_optional_addr)]
     pub status_addr: Endpoint,
     /// Static mode: the peers file (TOML, one [[peer]] entry per host, this one
     /// included) instead of a mesh; needs --name.
-    #[arg(long, value_name = "FILE", requires = "name", conflicts_with_all = ["peers", "password_file", "no_fastdp"])]
+    #[arg(long, value_name = "FILE", requires = "name", conflicts_with_all = ["peers", "password_file", "no_fastdp", "kube_peers"])]
     pub peers_file: Option<PathBuf>,
     /// Overlay MTU: the largest IP packet containers may send.
     #[arg(
         long,
         value_name = "N",
+        env = "WEAVE_MTU",
         default_value_t = DEFAULT_MTU,
         value_parser = clap::value_parser!(u16).range(i64::from(MIN_MTU)..=i64::from(MAX_MTU)),
     )]
@@ -228,6 +266,99 @@ pub enum StatusWhat {
     Connections,
     /// This peer and its connections.
     Peers,
+}
+
+/// The environment variable holding the static peers of Weave's DaemonSet, separated
+/// by whitespace; read when no PEER is given on the command line.
+pub const KUBE_PEERS_VAR: &str = "KUBE_PEERS";
+
+impl RunArgs {
+    /// The peers to connect to at start: the PEER arguments, else those of
+    /// `KUBE_PEERS`.
+    pub fn initial_peers(&self) -> Result<Vec<String>, String> {
+        if !self.peers.is_empty() {
+            return Ok(self.peers.clone());
+        }
+        match std::env::var_os(KUBE_PEERS_VAR) {
+            None => Ok(Vec::new()),
+            Some(list) => {
+                let list = list
+                    .into_string()
+                    .map_err(|_| format!("{KUBE_PEERS_VAR} is not valid UTF-8"))?;
+                split_peer_list(&list).map_err(|e| format!("{KUBE_PEERS_VAR}: {e}"))
+            }
+        }
+    }
+}
+
+/// Splits a whitespace-separated peer list (as Weave's launch script passes
+/// `KUBE_PEERS`), checking each entry as [`parse_target`] does.
+pub fn split_peer_list(list: &str) -> Result<Vec<String>, String> {
+    list.split_whitespace().map(parse_target).collect()
+}
+
+/// The command-line definition, with the environment variables that are set but
+/// empty taken as unset (as Weave's launch script takes them; clap would otherwise
+/// parse the empty value).
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommand("run", |run| {
+        let empty: Vec<clap::Id> = run
+            .get_arguments()
+            .filter(|a| {
+                a.get_env()
+                    .and_then(std::env::var_os)
+                    .is_some_and(|v| v.is_empty())
+            })
+            .map(|a| a.get_id().clone())
+            .collect();
+        empty
+            .into_iter()
+            .fold(run, |run, id| run.mut_arg(id, |a| a.env(None::<&str>)))
+    })
+}
+
+/// Parses the process's arguments and environment; on bad input exits with clap's
+/// message (and status 2), naming the environment variable a bad value came from.
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let cmd = command();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let result = cmd
+        .clone()
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    match result {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            if let Some(var) = env_source(&cmd, &e, &args) {
+                eprintln!("(the value comes from the environment variable {var})");
+            }
+            std::process::exit(e.exit_code())
+        }
+    }
+}
+
+/// The environment variable a rejected value of `weft run` came from: the argument
+/// the error names has one, it is set, and the flag is not on the command line.
+fn env_source(cmd: &clap::Command, e: &clap::Error, args: &[OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(named)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let run = cmd.find_subcommand("run")?;
+    let arg = run.get_arguments().find(|a| {
+        a.get_long()
+            .is_some_and(|l| named.split(' ').next() == Some(&format!("--{l}")))
+    })?;
+    let long = format!("--{}", arg.get_long()?);
+    let on_command_line = args.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+    });
+    let var = arg.get_env()?;
+    (!on_command_line && std::env::var_os(var).is_some())
+        .then(|| var.to_string_lossy().into_owned())
 }
 
 /// Accepts a peer address as Weave does: `host`, `host:port`, `[v6]:port`; the host
@@ -434,6 +565,72 @@ mod tests {
         }
         let e = mesh(&["--http-addr", "localhost"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn run_options_take_weaves_daemonset_variables() {
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let env = |id: &str| {
+            run.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .map(|v| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(env("mtu").as_deref(), Some("WEAVE_MTU"));
+        assert_eq!(env("conn_limit").as_deref(), Some("CONN_LIMIT"));
+        assert_eq!(env("no_fastdp").as_deref(), Some("WEAVE_NO_FASTDP"));
+        assert_eq!(env("nickname").as_deref(), Some("HOSTNAME"));
+        assert_eq!(env("kube_peers").as_deref(), Some("WEFT_KUBE_PEERS"));
+        assert_eq!(
+            env("encrypt_network").as_deref(),
+            Some("WEFT_ENCRYPT_NETWORK")
+        );
+        assert_eq!(env("http_addr").as_deref(), Some("WEAVE_HTTP_ADDR"));
+        assert_eq!(env("status_addr").as_deref(), Some("WEAVE_METRICS_ADDR"));
+        // The password never goes through clap (its help would show the value).
+        assert!(
+            run.get_arguments()
+                .all(|a| a.get_env().is_none_or(|v| v != "WEAVE_PASSWORD"))
+        );
+    }
+
+    #[test]
+    fn encryption_switch_and_no_fastdp_values() {
+        assert_eq!(mesh(&[]).unwrap().encrypt_network, None);
+        for (v, want) in [
+            ("true", true),
+            ("1", true),
+            ("yes", true),
+            ("false", false),
+            ("0", false),
+            ("off", false),
+        ] {
+            assert_eq!(
+                mesh(&["--encrypt-network", v]).unwrap().encrypt_network,
+                Some(want),
+                "{v}"
+            );
+        }
+        for bad in ["", "maybe", "2"] {
+            let e = mesh(&["--encrypt-network", bad]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{bad:?}: {e}");
+        }
+        // --no-fastdp stays a plain flag on the command line.
+        assert!(mesh(&["--no-fastdp"]).unwrap().no_fastdp);
+        assert!(mesh(&["--no-fastdp", "10.0.0.1"]).unwrap().no_fastdp);
+    }
+
+    #[test]
+    fn kube_peers_lists_split_on_whitespace() {
+        assert_eq!(
+            split_peer_list(" 10.0.0.1  node2:7000\n\t[fd00::3]:6783 ").unwrap(),
+            ["10.0.0.1", "node2:7000", "[fd00::3]:6783"]
+        );
+        assert!(split_peer_list("").unwrap().is_empty());
+        assert!(split_peer_list("   ").unwrap().is_empty());
+        let e = split_peer_list("10.0.0.1 h:0").unwrap_err();
+        assert!(e.contains("\"h:0\""), "{e}");
     }
 
     #[test]

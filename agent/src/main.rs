@@ -13,8 +13,8 @@
 //! [`maps`] (the map chokepoint), [`datapath`] (desired state -> maps), [`control`]
 //! (the local socket), [`status`] (Weave-style output), [`api`] (Weave's HTTP status
 //! endpoints), [`metrics`] (Prometheus), [`xfrm`] (IPsec SAs and policies),
-//! [`agent`] (the lifecycle), [`ipam`] (address blocks and
-//! allocations), [`cni`] (the CNI plugin).
+//! [`kube_peers`] (peers from the Kubernetes API), [`agent`] (the lifecycle),
+//! [`ipam`] (address blocks and allocations), [`cni`] (the CNI plugin).
 
 mod agent;
 mod api;
@@ -24,6 +24,8 @@ mod control;
 mod datapath;
 mod esp;
 mod ipam;
+#[cfg(feature = "kubernetes")]
+mod kube_peers;
 mod loader;
 mod maps;
 mod metrics;
@@ -43,19 +45,18 @@ mod xfrm;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing_subscriber::{
     filter::{LevelFilter, Targets},
     prelude::*,
 };
 
-use crate::cli::{Cli, Command, StatusArgs, StatusWhat};
+use crate::cli::{Command, StatusArgs, StatusWhat};
 
 fn main() -> ExitCode {
     if cni::is_plugin_invocation() {
         return cni::main();
     }
-    let cli = Cli::parse();
+    let cli = cli::parse();
     // `WEFT_LOG=debug`, or directives like `WEFT_LOG=weft=debug,aya=info`.
     // tracing's `Targets` takes the same `weft=debug,aya=info` directives (and a bare
     // level) as its EnvFilter, without EnvFilter's regex engine (~0.4 MB of a 2.8 MB
@@ -70,7 +71,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Err(_) => Targets::new().with_default(LevelFilter::INFO),
+        // The Kubernetes client logs each failed request itself, with the answer's
+        // body; the agent's own warning says what failed (`WEFT_LOG=debug` shows both).
+        Err(_) => Targets::new()
+            .with_default(LevelFilter::INFO)
+            .with_target("kube_client", LevelFilter::OFF),
     };
     tracing_subscriber::registry()
         .with(

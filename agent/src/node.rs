@@ -100,35 +100,65 @@ fn random_32() -> [u8; 32] {
     b
 }
 
-/// The password: `--password-file` (one trailing newline dropped), else
-/// `WEAVE_PASSWORD`. Never logged.
+/// The Secret the manifest passes as `WEAVE_PASSWORD` (Weave's name for it, so a
+/// cluster moving from Weave keeps its Secret).
+pub const PASSWORD_SECRET: &str = "weave-passwd";
+
+/// The password, as the encryption switch decides: with `--encrypt-network=false`
+/// none (a password given is ignored); otherwise `--password-file` (one trailing
+/// newline dropped), else `WEAVE_PASSWORD`, and with `--encrypt-network=true` one
+/// must be given. Never logged.
 fn load_password(args: &RunArgs) -> anyhow::Result<Option<Password>> {
-    use std::io::Read;
-    if let Some(path) = &args.password_file {
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_PASSWORD_FILE + 1).read_to_end(&mut bytes))
-            .with_context(|| format!("reading the password file {}", path.display()))?;
-        if bytes.len() as u64 > MAX_PASSWORD_FILE {
-            bail!(
-                "the password file {} is longer than {MAX_PASSWORD_FILE} bytes",
-                path.display()
+    let env_password = || std::env::var_os("WEAVE_PASSWORD").filter(|p| !p.is_empty());
+    if args.encrypt_network == Some(false) {
+        if args.password_file.is_some() || env_password().is_some() {
+            tracing::info!(
+                "encryption is off (--encrypt-network=false): the password given is ignored"
             );
         }
-        if bytes.ends_with(b"\n") {
-            bytes.pop();
-            if bytes.ends_with(b"\r") {
-                bytes.pop();
-            }
-        }
-        if bytes.is_empty() {
-            bail!("the password file {} is empty", path.display());
-        }
-        return Ok(Some(Password::new(bytes)));
+        return Ok(None);
     }
-    Ok(std::env::var_os("WEAVE_PASSWORD")
-        .filter(|p| !p.is_empty())
-        .map(|p| Password::new(std::os::unix::ffi::OsStringExt::into_vec(p))))
+    let password = match &args.password_file {
+        Some(path) => Some(read_password_file(path)?),
+        None => env_password().map(|p| Password::new(std::os::unix::ffi::OsStringExt::into_vec(p))),
+    };
+    if password.is_none() && args.encrypt_network == Some(true) {
+        bail!(
+            "encryption is on (--encrypt-network=true, or WEFT_ENCRYPT_NETWORK) but no \
+             password is set: on Kubernetes create the Secret {PASSWORD_SECRET} in the \
+             agent's namespace (kubectl -n kube-system create secret generic \
+             {PASSWORD_SECRET} --from-file={PASSWORD_SECRET}=FILE), which the manifest \
+             passes as WEAVE_PASSWORD; elsewhere set WEAVE_PASSWORD or --password-file; \
+             or run unencrypted with --encrypt-network=false"
+        );
+    }
+    Ok(password)
+}
+
+/// Reads a password file: at most [`MAX_PASSWORD_FILE`] bytes, one trailing newline
+/// dropped, not empty.
+fn read_password_file(path: &std::path::Path) -> anyhow::Result<Password> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PASSWORD_FILE + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("reading the password file {}", path.display()))?;
+    if bytes.len() as u64 > MAX_PASSWORD_FILE {
+        bail!(
+            "the password file {} is longer than {MAX_PASSWORD_FILE} bytes",
+            path.display()
+        );
+    }
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    if bytes.is_empty() {
+        bail!("the password file {} is empty", path.display());
+    }
+    Ok(Password::new(bytes))
 }
 
 /// The host name, for the default nickname.
@@ -171,6 +201,14 @@ async fn default_name(net: &Netdev, bridge: &str) -> anyhow::Result<PeerName> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // 1. Checks that change nothing.
     let password = load_password(&args)?;
+    let peer_specs = args.initial_peers().map_err(anyhow::Error::msg)?;
+    #[cfg(not(feature = "kubernetes"))]
+    if args.kube_peers {
+        bail!(
+            "--kube-peers (WEFT_KUBE_PEERS): this weft was built without the `kubernetes` \
+             feature; give the peers in KUBE_PEERS or as arguments"
+        );
+    }
     let net = Netdev::connect()?;
     let (underlay, addrs) = agent::underlay(&args, &net).await?;
     let Some(&(address, _)) = addrs.first() else {
@@ -184,8 +222,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => default_name(&net, &args.bridge).await?,
     };
     let nickname = args.nickname.clone().unwrap_or_else(hostname);
+    #[cfg(feature = "kubernetes")]
+    let kube = match args.kube_peers {
+        true => {
+            let me = crate::kube_peers::Me {
+                node_name: nickname.clone(),
+                addresses: addrs.iter().map(|(a, _)| *a).collect(),
+            };
+            let follower = crate::kube_peers::Follower::new(me, peer_specs.clone()).await?;
+            Some(follower.with_interval(Duration::from_secs(args.kube_peers_interval)))
+        }
+        false => None,
+    };
     let mut targets = Vec::new();
-    for spec in &args.peers {
+    for spec in &peer_specs {
         targets.push(resolve_target(spec, args.port).await?);
     }
     let Prepared {
@@ -438,8 +488,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let http = agent::serve_http(http, source);
     tokio::spawn(accept_loop(listener, events_tx.clone()));
+    #[cfg(feature = "kubernetes")]
+    let kube = kube.map(|follower| {
+        let events = events_tx.clone();
+        tokio::spawn(follower.run(move |change| {
+            let send = |connect: bool, specs: Vec<String>| {
+                if specs.is_empty() {
+                    return Ok(());
+                }
+                let peers = match connect {
+                    true => specs
+                        .iter()
+                        .filter_map(|s| DirectPeer::parse_literal(s).ok())
+                        .collect(),
+                    false => Vec::new(),
+                };
+                events
+                    .send(Input::Targets {
+                        connect,
+                        peers,
+                        specs,
+                    })
+                    .map_err(|_| "the agent is stopping".to_owned())
+            };
+            send(true, change.added)?;
+            send(false, change.removed)
+        }))
+    });
     let outcome = node.serve(events, dp_events, &mut signals).await;
     for task in &http {
+        task.abort();
+    }
+    #[cfg(feature = "kubernetes")]
+    if let Some(task) = kube {
         task.abort();
     }
     server.abort();

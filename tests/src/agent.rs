@@ -187,6 +187,18 @@ impl Testbed {
         agent_bin: &Path,
         args: &[String],
     ) -> Result<()> {
+        self.start_agent_with_env(n, agent_bin, args, &[])
+    }
+
+    /// As [`Testbed::start_agent_with_args`], with `env` added to the agent's
+    /// environment.
+    pub fn start_agent_with_env(
+        &mut self,
+        n: u8,
+        agent_bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         let host = self.host(n)?.clone();
         if host.is_kernel_vxlan() {
             bail!("host {n} is a kernel-VXLAN host; it must not run an agent");
@@ -209,7 +221,7 @@ impl Testbed {
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let offset = log.metadata()?.len();
         let mut cmd = host_command(&host.ns, agent_bin);
-        cmd.args(args);
+        cmd.args(args).envs(env.iter().copied());
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

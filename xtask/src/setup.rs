@@ -40,6 +40,9 @@ pub const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
     ("nft", "nftables"),
+    // The DaemonSet test runs the manifest's pod with podman (runc as its runtime).
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// What `cargo xtask vm-test` needs on top of [`DEBIAN_TOOLS`], installed only when it
@@ -94,6 +97,79 @@ pub fn run(ws: &Workspace, mode: Mode) -> Result<()> {
     debian_tools(DEBIAN_TOOLS, "test tools", &say)?;
     debian_tools(CNI_TOOLS, "CNI test tools", &say)?;
     bpffs(&say)?;
+    if let Err(e) = kubernetes_validate(ws, &say) {
+        // Not fatal: the manifest test says SKIPPED without it.
+        eprintln!("setup: kubernetes-validate not installed: {e:#}");
+    }
+    Ok(())
+}
+
+/// The kubernetes-validate release (PyPI) the manifest test runs.
+pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// `kubernetes-validate`, which checks the manifest against the API's schemas: the
+/// one on PATH, else the one in `.tools/kubernetes-validate` (a Python virtual
+/// environment, installed from PyPI when absent; Debian's python3-venv is
+/// apt-installed for it if missing).
+pub fn kubernetes_validate_bin(ws: &Workspace) -> Option<PathBuf> {
+    find_binary("kubernetes-validate").or_else(|| {
+        let venv = ws
+            .tools_dir()
+            .join("kubernetes-validate/bin/kubernetes-validate");
+        venv.is_file().then_some(venv)
+    })
+}
+
+fn kubernetes_validate(ws: &Workspace, say: &dyn Fn(String)) -> Result<()> {
+    if let Some(bin) = kubernetes_validate_bin(ws) {
+        say(format!("kubernetes-validate ok ({})", bin.display()));
+        return Ok(());
+    }
+    let venv_ok = || {
+        Command::new("python3")
+            .args(["-m", "venv", "--help"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !venv_ok() {
+        debian_tools(&[("python3", "python3-venv")], "Python", say)?;
+        if !venv_ok() && is_root() && find_binary("apt-get").is_some() {
+            // python3 without its venv module.
+            exec::run(
+                Command::new("apt-get")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .stdin(Stdio::null())
+                    .args([
+                        "-q",
+                        "install",
+                        "-y",
+                        "--no-install-recommends",
+                        "python3-venv",
+                    ]),
+            )?;
+        }
+    }
+    let dir = ws.tools_dir().join("kubernetes-validate");
+    eprintln!(
+        "setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} from PyPI into {}",
+        dir.display()
+    );
+    let installed =
+        exec::run(Command::new("python3").args(["-m", "venv"]).arg(&dir)).and_then(|()| {
+            exec::run(
+                Command::new(dir.join("bin/pip"))
+                    .args(["install", "-q", "--disable-pip-version-check"])
+                    .arg(format!(
+                        "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+                    )),
+            )
+        });
+    if let Err(e) = installed {
+        let _ = fs::remove_dir_all(&dir);
+        return Err(e.context("is PyPI reachable?"));
+    }
     Ok(())
 }
 

@@ -49,6 +49,9 @@ pub fn run(ws: &Workspace) -> Result<()> {
         if let Some(image) = &image {
             cmd.env(image::IMAGE_ENV, image);
         }
+        if let Some(validator) = crate::setup::kubernetes_validate_bin(ws) {
+            cmd.env("WEFT_KUBERNETES_VALIDATE", validator);
+        }
         cmd
     };
 
