@@ -31,9 +31,9 @@ use common::{Must, agent_bin, bed};
 use serde_json::{Value, json};
 use weft_testbed::{
     Testbed,
+    kube_play::{IMAGE_ENV, Podman},
     manifest::{self, containers_mut, document, documents, pod_from_daemonset},
     netns,
-    kube_play::{IMAGE_ENV, Podman},
 };
 
 /// The password the test gives in place of the Secret.
@@ -172,6 +172,10 @@ fn node_pod(
         with_init,
     } = *settings;
     let mut pod = pod_from_daemonset(daemonset, &format!("weft-{}-n{n}", tb.prefix())).must("pod");
+    // podman removes a "once" init container right after it exits, and under load
+    // tries while runc still reports it running ("cannot remove container ... as it
+    // is running"); an "always" one is kept with the pod. Kubernetes has no such step.
+    pod["metadata"]["annotations"]["io.podman.annotations.init.container.type"] = json!("always");
     let spec = &mut pod["spec"];
     if !with_init {
         spec.as_object_mut().unwrap().remove("initContainers");

@@ -39,17 +39,29 @@ pub fn run_cli(ws: &Workspace, cli: &Cli) -> Result<()> {
     }
     setup::run(ws, setup::Mode::Quiet)?;
     for &arch in &cli.targets {
-        build_static(ws, arch)?;
+        build_static(ws, arch, cli.args.no_kubernetes)?;
     }
     Ok(())
 }
 
 /// Options of `cargo xtask build`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args)]
 pub struct Args {
     /// Build the agent with the dev profile (the eBPF object is always release).
     #[arg(long)]
     pub debug: bool,
+    /// Leave out the Kubernetes API client (cargo feature `kubernetes`, about half of
+    /// the binary): for nodes that take their peers from the command line or
+    /// `KUBE_PEERS` only (`--kube-peers` is then refused).
+    #[arg(long)]
+    pub no_kubernetes: bool,
+}
+
+/// Adds the cargo feature flags of a build with or without the Kubernetes client.
+fn features(cmd: &mut std::process::Command, no_kubernetes: bool) {
+    if no_kubernetes {
+        cmd.args(["--no-default-features", "--features", "agent"]);
+    }
 }
 
 /// Runs setup, builds both halves and reports the agent's size. Returns the agent path.
@@ -61,7 +73,7 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<PathBuf> {
     } else {
         Profile::Release
     };
-    build_agent(ws, profile)
+    build_agent(ws, profile, args.no_kubernetes)
 }
 
 /// Builds the eBPF crate with bpf-linker from `.tools`; returns the object's path.
@@ -92,14 +104,16 @@ pub fn build_ebpf_for(ws: &Workspace, arch: Arch) -> Result<PathBuf> {
 /// executable for `arch` without a program interpreter; returns its path
 /// ([`Workspace::static_agent_bin`]). Does not run setup's other steps (bpf-linker):
 /// callers run `setup::run` first.
-pub fn build_static(ws: &Workspace, arch: Arch) -> Result<PathBuf> {
+pub fn build_static(ws: &Workspace, arch: Arch, no_kubernetes: bool) -> Result<PathBuf> {
     setup::rust_target(ws, arch.musl_triple())?;
+    setup::static_build_tools()?;
     let object = build_ebpf_for(ws, arch)?;
     let mut cmd = ws.cargo();
     cmd.args(["build", "--package", AGENT_PACKAGE, "--release"])
         .args(["--target", arch.musl_triple()])
         .env("WEFT_EBPF_OBJECT", &object)
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
+    features(&mut cmd, no_kubernetes);
     static_link_env(&mut cmd, arch);
     exec::run(&mut cmd)?;
     let agent = ws.static_agent_bin(arch);
@@ -114,10 +128,18 @@ pub fn build_static(ws: &Workspace, arch: Arch) -> Result<PathBuf> {
 
 /// The environment a cargo build for `arch`'s musl target needs: aarch64 links with
 /// the toolchain's own `rust-lld`, so no cross C toolchain is needed (x86_64-musl links
-/// with the host's `cc` and Rust's self-contained musl objects).
+/// with the host's `cc` and Rust's self-contained musl objects). The C in `ring`
+/// (TLS of the Kubernetes client) is compiled by gcc for x86_64 (the `cc` crate
+/// would look for a `musl-gcc`) and by clang for aarch64.
 pub fn static_link_env(cmd: &mut std::process::Command, arch: Arch) {
-    if arch == Arch::Aarch64 {
-        cmd.env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER", "rust-lld");
+    match arch {
+        Arch::X86_64 => {
+            cmd.env("CC_x86_64_unknown_linux_musl", "gcc");
+        }
+        Arch::Aarch64 => {
+            cmd.env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER", "rust-lld")
+                .env("CC_aarch64_unknown_linux_musl", "clang");
+        }
     }
 }
 
@@ -194,10 +216,11 @@ pub fn build_ebpf_variant(ws: &Workspace) -> Result<PathBuf> {
 }
 
 /// Builds the agent against the eBPF object [`build_ebpf`] produced; returns its path.
-pub fn build_agent(ws: &Workspace, profile: Profile) -> Result<PathBuf> {
+pub fn build_agent(ws: &Workspace, profile: Profile, no_kubernetes: bool) -> Result<PathBuf> {
     let mut cmd = ws.cargo();
     cmd.args(["build", "--package", AGENT_PACKAGE])
         .env("WEFT_EBPF_OBJECT", ws.ebpf_object());
+    features(&mut cmd, no_kubernetes);
     if profile == Profile::Release {
         cmd.arg("--release");
     }

@@ -13,6 +13,6 @@ pub fn run(ws: &Workspace) -> Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
-    let agent = build::run(ws, &build::Args { debug: false })?;
+    let agent = build::run(ws, &build::Args::default())?;
     weft_testbed::demo::demo(&agent)
 }

@@ -91,7 +91,7 @@ pub fn build_all(ws: &Workspace, arches: &[Arch]) -> Result<String> {
     let conf = containers_conf(ws)?;
     let mut images = Vec::new();
     for &arch in arches {
-        let agent = build::build_static(ws, arch)?;
+        let agent = build::build_static(ws, arch, false)?;
         images.push(build_one(ws, &conf, &version, arch, &agent)?);
     }
     let list = format!("{REPOSITORY}:{version}");

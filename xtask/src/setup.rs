@@ -75,6 +75,12 @@ pub const IMAGE_TOOLS: &[(&str, &str)] = &[
     ("runc", "runc"),
 ];
 
+/// What a static (musl) build needs besides the Rust target: a C compiler for the
+/// C and assembly in `ring` (the Kubernetes client's TLS). x86_64 uses the host's
+/// gcc; for aarch64 clang cross-compiles (`--target`), since Debian's cross gcc
+/// would use the host's glibc headers.
+pub const STATIC_BUILD_TOOLS: &[(&str, &str)] = &[("gcc", "gcc"), ("clang", "clang")];
+
 /// How much setup reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -232,6 +238,20 @@ pub fn image_tools() -> Result<()> {
             "building the image needs {} (Debian: apt-get install {}); not installed",
             missing.join(", "),
             packages_of(IMAGE_TOOLS).join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Installs [`STATIC_BUILD_TOOLS`] that are missing; an error if one cannot be.
+pub fn static_build_tools() -> Result<()> {
+    debian_tools(STATIC_BUILD_TOOLS, "static build tools", &|_| ())?;
+    let missing = missing_binaries(STATIC_BUILD_TOOLS);
+    if !missing.is_empty() {
+        bail!(
+            "static builds need {} (Debian: apt-get install {}); not installed",
+            missing.join(", "),
+            packages_of(STATIC_BUILD_TOOLS).join(" ")
         );
     }
     Ok(())

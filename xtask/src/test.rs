@@ -18,7 +18,7 @@ use crate::{
 
 /// Runs all stages and prints one summary line per stage.
 pub fn run(ws: &Workspace) -> Result<()> {
-    let agent = build::run(ws, &build::Args { debug: false })?;
+    let agent = build::run(ws, &build::Args::default())?;
     let variant = build::build_ebpf_variant(ws)?;
     let mut stages: Vec<(&str, Result<()>)> = Vec::new();
 

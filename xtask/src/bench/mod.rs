@@ -108,7 +108,7 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
     ensure_root()?;
     // Reject unknown modes before the build, not minutes later.
     modes::select(&args.modes)?;
-    let agent = build::run(ws, &build::Args { debug: false })?;
+    let agent = build::run(ws, &build::Args::default())?;
     run_with(ws, args, &agent).map(drop)
 }
 

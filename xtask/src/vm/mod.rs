@@ -183,11 +183,11 @@ pub fn parse_selection<S: AsRef<str>>(args: &[S]) -> Result<Vec<Selection>> {
 pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
     if args.arch != Arch::host()? {
         setup::run(ws, setup::Mode::Quiet)?;
-        let agent = build::build_static(ws, args.arch)?;
+        let agent = build::build_static(ws, args.arch, false)?;
         let object = ws.ebpf_object_for(args.arch)?;
         return run_guest(ws, args.arch, &agent, &object, None, args);
     }
-    let agent = build::run(ws, &build::Args { debug: false })?;
+    let agent = build::run(ws, &build::Args::default())?;
     let variant = build::build_ebpf_variant(ws)?;
     run_built(ws, &agent, &variant, args)
 }
