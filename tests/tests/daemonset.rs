@@ -515,7 +515,7 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
             }
             let url = format!("http://{addr}:8080/hello.txt");
             let got = runtimes[*i]
-                .exec(ns, from, &["wget", "-q", "-T", "5", "-O", "-", &url])
+                .exec(ns, from, &["wget", "-q", "-O", "-", &url])
                 .unwrap_or_else(|e| panic!("{from}: wget {url}: {e:#}"));
             assert_eq!(got, HELLO, "{from} -> {to}");
         }
@@ -573,8 +573,6 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
             &[
                 "wget",
                 "-q",
-                "-T",
-                "5",
                 "-O",
                 "-",
                 &format!("http://{}:8080/hello.txt", containers[0].2),
