@@ -218,6 +218,10 @@ pub struct InstallCniArgs {
     /// The bridge pods attach to (as `weft run --bridge`).
     #[arg(long, value_name = "NAME", default_value = "weave", value_parser = parse_ifname)]
     pub bridge: String,
+    /// Where the plugin keeps its allocations (the configuration's `dataDir`; an
+    /// absolute path on the node).
+    #[arg(long, value_name = "DIR", default_value = crate::cni::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
 }
 
 /// Options of `weft connect` and `weft forget`.
@@ -762,6 +766,7 @@ mod tests {
         let i: InstallCniArgs = install(&[]).map_err(|e: clap::Error| e).unwrap();
         assert_eq!(i.bin_dir, PathBuf::from("/opt/cni/bin"));
         assert_eq!(i.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(i.data_dir, PathBuf::from("/var/lib/weft/ipam"));
         assert!(install(&["--ipalloc-range", "x"]).is_err());
     }
 

@@ -857,10 +857,15 @@ async fn check(net: &Netdev, env: &Env, conf: &NetConf) -> Result<(), CniError> 
 pub fn install(args: &InstallCniArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     Blocks::new(args.ipalloc_range, None)?;
+    anyhow::ensure!(
+        args.data_dir.is_absolute(),
+        "--data-dir {:?} is not an absolute path",
+        args.data_dir.display()
+    );
     let exe = std::fs::read("/proc/self/exe").context("reading this binary (/proc/self/exe)")?;
     let bin = args.bin_dir.join(PLUGIN_NAME);
     write_atomically(&bin, &exe, 0o755)?;
-    let conf = conflist(&args.ipalloc_range, &args.bridge);
+    let conf = conflist(&args.ipalloc_range, &args.bridge, &args.data_dir);
     let path = args.conf_dir.join(CONFLIST_NAME);
     write_atomically(
         &path,
@@ -872,7 +877,7 @@ pub fn install(args: &InstallCniArgs) -> anyhow::Result<()> {
 }
 
 /// The network configuration `install-cni` writes.
-pub fn conflist(range: &Ipv4Net, bridge: &str) -> Value {
+pub fn conflist(range: &Ipv4Net, bridge: &str, data_dir: &Path) -> Value {
     json!({
         "cniVersion": "1.0.0",
         "name": NETWORK_NAME,
@@ -880,6 +885,7 @@ pub fn conflist(range: &Ipv4Net, bridge: &str) -> Value {
             "type": PLUGIN_NAME,
             "bridge": bridge,
             "ipallocRange": range.to_string(),
+            "dataDir": data_dir,
         }],
     })
 }
@@ -902,6 +908,9 @@ fn write_atomically(path: &Path, content: &[u8], mode: u32) -> anyhow::Result<()
         f.write_all(content)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
+        // Closed before the rename: a plugin still open for writing cannot be
+        // executed (ETXTBSY), and runtimes may run it as soon as it is in place.
+        drop(f);
         std::fs::rename(&temp, path)
     })();
     if let Err(e) = written {
@@ -1089,9 +1098,14 @@ mod tests {
 
     #[test]
     fn conflist_names_the_plugin() {
-        let c = conflist(&DEFAULT_RANGE.parse().unwrap(), "weave");
+        let c = conflist(
+            &DEFAULT_RANGE.parse().unwrap(),
+            "weave",
+            Path::new(DEFAULT_DATA_DIR),
+        );
         assert_eq!(c["plugins"][0]["type"], PLUGIN_NAME);
         assert_eq!(c["plugins"][0]["ipallocRange"], DEFAULT_RANGE);
+        assert_eq!(c["plugins"][0]["dataDir"], DEFAULT_DATA_DIR);
         let parsed = parse_conf(
             serde_json::to_string(&json!({
                 "cniVersion": c["cniVersion"], "name": c["name"],

@@ -69,6 +69,21 @@ impl Podman {
         Ok(podman)
     }
 
+    /// Sets podman up in `dir` (created, and removed with the rest) for a plugin
+    /// already installed: `plugin_dir` holds `weft-cni`, `conf_dir` its network
+    /// configuration (as `weft install-cni` writes them on a node). Writes
+    /// `containers.conf` and builds the busybox image.
+    pub fn with_plugin(dir: &Path, plugin_dir: &Path, conf_dir: &Path) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let podman = Self {
+            dir: dir.to_path_buf(),
+            containers: Mutex::new(Vec::new()),
+        };
+        podman.configure(plugin_dir, conf_dir)?;
+        Ok(podman)
+    }
+
     fn prepare(&self, agent_bin: &Path, range: &str, data_dir: &Path) -> Result<()> {
         let (bin, net_d) = (self.dir.join("bin"), self.dir.join("net.d"));
         let mut install = Command::new(agent_bin);
@@ -85,6 +100,11 @@ impl Podman {
             serde_json::from_str(&std::fs::read_to_string(&conflist)?)?;
         conf["plugins"][0]["dataDir"] = serde_json::json!(data_dir);
         std::fs::write(&conflist, conf.to_string())?;
+        self.configure(&bin, &net_d)
+    }
+
+    /// `containers.conf` (the CNI backend on `bin` and `net_d`) and the busybox image.
+    fn configure(&self, bin: &Path, net_d: &Path) -> Result<()> {
         std::fs::write(
             self.dir.join("containers.conf"),
             format!(

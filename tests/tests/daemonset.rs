@@ -5,14 +5,20 @@
 //! `weft status` through the control socket in the pod's `/run/weft` shows the
 //! mesh established and encrypted (the manifest's default, with a password as the
 //! Secret would give it), the readiness endpoint answers, and the init container
-//! installed the CNI plugin. A pod without the Secret stops with a message naming
-//! it. Pods are removed on every path.
+//! installed the CNI plugin. Then podman on each node, its CNI backend on the plugin
+//! and configuration that node's init container installed, starts two containers:
+//! their addresses come from the node's block, each reaches every container on the
+//! other nodes (ping and TCP), a ping stream across nodes survives a restart of one
+//! node's agent pod, and deleting a container frees its address and its veth. A pod
+//! without the Secret stops with a message naming it. Pods and containers are
+//! removed on every path.
 //!
-//! Needs root, podman and runc, and the image in `WEFT_IMAGE` (see
+//! Needs root, podman, buildah, runc and busybox, and the image in `WEFT_IMAGE` (see
 //! [`weft_testbed::kube_play::IMAGE_ENV`]); without it the test prints `SKIPPED`.
 //! What the test changes in the template, and why: host paths go to directories of
 //! the test's own (each node its own `/run/weft`, `/var/lib/weft`, CNI folders and
-//! machine-id, the testbed's bpffs directory); `spec.nodeName` and the Secret,
+//! machine-id, the testbed's bpffs directory, and the plugin's allocations through
+//! `install-cni --data-dir`); `spec.nodeName` and the Secret,
 //! which only a kubelet fills in, become literal values; `WEFT_KUBE_PEERS` is
 //! replaced by `KUBE_PEERS`; the probes are checked by the test itself (podman turns
 //! HTTP probes into `curl` inside the container, and the image has no shell); the
@@ -21,6 +27,7 @@
 mod common;
 
 use std::{
+    collections::BTreeSet,
     io::{Read, Write},
     net::{Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
@@ -33,7 +40,8 @@ use weft_testbed::{
     Testbed,
     kube_play::{IMAGE_ENV, Podman},
     manifest::{self, containers_mut, document, documents, pod_from_daemonset},
-    netns,
+    netns, ns_exec,
+    podman::{HELLO, Podman as CniPodman},
 };
 
 /// The password the test gives in place of the Secret.
@@ -104,6 +112,8 @@ struct NodeDirs {
     cni_bin: PathBuf,
     cni_conf: PathBuf,
     machine_id: PathBuf,
+    /// The CNI plugin's IPAM `dataDir` (`install-cni --data-dir`).
+    ipam: PathBuf,
 }
 
 impl NodeDirs {
@@ -115,6 +125,7 @@ impl NodeDirs {
             cni_bin: root.join("opt-cni-bin"),
             cni_conf: root.join("etc-cni-net.d"),
             machine_id: root.join("machine-id"),
+            ipam: root.join("ipam"),
         };
         for d in [&dirs.run, &dirs.lib, &dirs.cni_bin, &dirs.cni_conf] {
             std::fs::create_dir_all(d).must_io("creating a node directory");
@@ -153,7 +164,7 @@ struct PodSettings<'a> {
     peers: &'a str,
     /// `WEAVE_PASSWORD`, as the Secret would give it.
     password: Option<&'a str>,
-    /// Keep the init container (the image's weft has `install-cni`).
+    /// Keep the init container (`weft install-cni`).
     with_init: bool,
 }
 
@@ -196,6 +207,18 @@ fn node_pod(
             other => panic!("a host path the test does not know: {other}"),
         };
         volume["hostPath"]["path"] = json!(new.display().to_string());
+    }
+    // The plugin's allocations (`dataDir` in the conflist, a path on the node): the
+    // node's own directory in place of /var/lib/weft/ipam.
+    if let Some(inits) = spec["initContainers"].as_array_mut() {
+        let install = inits
+            .iter_mut()
+            .find(|c| c["name"] == "install-cni")
+            .expect("the install-cni init container");
+        install["args"]
+            .as_array_mut()
+            .expect("install-cni args")
+            .extend([json!("--data-dir"), json!(dirs.ipam.display().to_string())]);
     }
     for container in containers_mut(spec) {
         container["image"] = json!(image);
@@ -273,35 +296,13 @@ fn daemonset_pods_form_a_mesh() {
         loaded_image: None,
     };
     let image = resolve_image(&podman, &mut cleanup, image);
-    // Whether the image's weft has `install-cni` (the init container's command).
-    let probe = weft_testbed::cmd::output(
-        podman.command().args([
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            &image,
-            "install-cni",
-            "--help",
-        ]),
-        Duration::from_secs(60),
-    )
-    .must("podman run");
-    let has_install_cni = probe.status.success();
-    if !has_install_cni {
-        let text = String::from_utf8_lossy(&probe.stderr);
-        assert!(
-            text.contains("unrecognized subcommand"),
-            "the image does not run: {text}"
-        );
-    }
 
     let text = std::fs::read_to_string(manifest::manifest_path()).must_io("reading the manifest");
     let docs = documents(&text).must("manifest");
     let daemonset = document(&docs, "DaemonSet").must("DaemonSet").clone();
     std::fs::create_dir_all(tb.bpffs_dir()).must_io("creating the bpffs directory");
     let addrs: Vec<Ipv4Addr> = (1..=3).map(|n| tb.host(n).must("host").addr).collect();
-    let mut nodes = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
     for n in 1..=3u8 {
         tb.add_default_route(n).must("default route");
         let dirs = NodeDirs::new(tb.dir(), n);
@@ -314,7 +315,7 @@ fn daemonset_pods_form_a_mesh() {
             image: &image,
             peers: &peers,
             password: Some(PASSWORD),
-            with_init: has_install_cni,
+            with_init: true,
         };
         let pod = node_pod(&daemonset, &tb, n, &dirs, &settings);
         let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
@@ -378,24 +379,240 @@ fn daemonset_pods_form_a_mesh() {
             !logs.contains(PASSWORD),
             "node {n}: the password in the logs:\n{logs}"
         );
-        if has_install_cni {
-            assert!(
-                dirs.cni_bin.join("weft-cni").is_file(),
-                "node {n}: no weft-cni"
-            );
-            assert!(
-                dirs.cni_conf.join("10-weft.conflist").is_file(),
-                "node {n}: no 10-weft.conflist"
-            );
-        }
+        assert!(
+            dirs.cni_bin.join("weft-cni").is_file(),
+            "node {n}: no weft-cni"
+        );
+        let conf: Value = serde_json::from_str(
+            &std::fs::read_to_string(dirs.cni_conf.join("10-weft.conflist"))
+                .must_io("reading 10-weft.conflist"),
+        )
+        .expect("10-weft.conflist is JSON");
+        assert_eq!(conf["plugins"][0]["type"], "weft-cni", "node {n}: {conf:#}");
+        assert_eq!(
+            conf["plugins"][0]["dataDir"],
+            dirs.ipam.display().to_string(),
+            "node {n}: {conf:#}"
+        );
     }
-    if !has_install_cni {
-        println!("NOTE: the image's weft has no install-cni: the init container was left out");
-    }
+
+    containers_on_the_plugin(&tb, &podman, &nodes);
+
     for pod in std::mem::take(&mut cleanup.pods) {
         podman.remove_pod(&pod).must("removing a pod");
     }
 }
+
+/// The `IPALLOC_RANGE` of the manifest: 10.32.0.0/12.
+const RANGE_START: u32 = 0x0a20_0000;
+/// Addresses per block of that range (2^20 / 4096 blocks).
+const BLOCK: u32 = 256;
+
+/// The address on node `ns`'s bridge (the gateway: the start of its block).
+fn bridge_address(ns: &str) -> Ipv4Addr {
+    let out = ns_exec(ns, &["ip", "-4", "-o", "addr", "show", "dev", "weave"]).must("ip addr");
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split_once('/')?.0.parse().ok())
+        .unwrap_or_else(|| panic!("{ns}: no address on the bridge: {out}"))
+}
+
+/// The allocation files (addresses) of network `weave` in a node's IPAM directory.
+fn allocations(dirs: &NodeDirs) -> BTreeSet<Ipv4Addr> {
+    match std::fs::read_dir(dirs.ipam.join("weave")) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+/// The node's veths made by the plugin (`wft*`).
+fn cni_veths(ns: &str) -> Vec<String> {
+    weft_testbed::links_with_prefix(ns, "wft").must("links")
+}
+
+/// `(transmitted, received)` from a busybox ping summary.
+fn ping_counts(out: &str) -> Option<(u32, u32)> {
+    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut words = line.split_whitespace();
+    let sent = words.next()?.parse().ok()?;
+    let received = words.nth(2)?.parse().ok()?;
+    Some((sent, received))
+}
+
+/// Pings the most a node's agent pod restart may lose (observed: see the commit).
+const RESTART_LOSS: u32 = 10;
+
+/// Two containers per node started by podman through the CNI plugin each node's
+/// init container installed: addresses from the node's block, ping and TCP to every
+/// container on the other nodes, traffic across a restart of an agent pod, and
+/// deleting a container releasing its address and veth.
+fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
+    // Each node's podman, on its own plugin and configuration. Declared after the
+    // pods' cleanup in the caller: dropped (containers removed) first.
+    let runtimes: Vec<CniPodman> = nodes
+        .iter()
+        .map(|(n, _, _, dirs)| {
+            CniPodman::with_plugin(
+                &tb.dir().join(format!("node{n}")).join("podman"),
+                &dirs.cni_bin,
+                &dirs.cni_conf,
+            )
+            .unwrap_or_else(|e| panic!("node {n}: podman set-up: {e:#}"))
+        })
+        .collect();
+    // (node index, container name, address)
+    let mut containers: Vec<(usize, String, Ipv4Addr)> = Vec::new();
+    for (i, (n, ns, _, dirs)) in nodes.iter().enumerate() {
+        let gateway = bridge_address(ns);
+        let block = u32::from(gateway);
+        assert!(
+            block >= RANGE_START && (block - RANGE_START).is_multiple_of(BLOCK),
+            "node {n}: bridge address {gateway} is not the start of a block"
+        );
+        let mut addrs = BTreeSet::new();
+        for c in ["a", "b"] {
+            let name = format!("c{n}{c}");
+            let addr = runtimes[i]
+                .run(ns, &name, &["httpd", "-f", "-p", "8080", "-h", "/srv"])
+                .unwrap_or_else(|e| panic!("node {n}: podman run {name}: {e:#}"));
+            assert!(
+                u32::from(addr) > block && u32::from(addr) < block + BLOCK,
+                "node {n}: {name}'s {addr} is not in the block of {gateway}"
+            );
+            println!("node {n}: {name} {addr}");
+            addrs.insert(addr);
+            containers.push((i, name, addr));
+        }
+        assert_eq!(allocations(dirs), addrs, "node {n}: allocation files");
+        assert_eq!(cni_veths(ns).len(), 2, "node {n}: {:?}", cni_veths(ns));
+    }
+    assert_ne!(
+        bridge_address(&nodes[0].1),
+        bridge_address(&nodes[1].1),
+        "two nodes on one block"
+    );
+    // Every container reaches every container on the other nodes: ping and TCP.
+    for (i, from, _) in &containers {
+        let ns = &nodes[*i].1;
+        for (j, to, addr) in &containers {
+            if i == j {
+                continue;
+            }
+            let target = addr.to_string();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let out = runtimes[*i].exec(ns, from, &["ping", "-c", "1", "-W", "2", &target]);
+                if out.as_ref().is_ok_and(|o| o.contains("1 packets received")) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{from} does not reach {to} ({target}): {out:?}"
+                );
+            }
+            let url = format!("http://{addr}:8080/hello.txt");
+            let got = runtimes[*i]
+                .exec(ns, from, &["wget", "-q", "-O", "-", &url])
+                .unwrap_or_else(|e| panic!("{from}: wget {url}: {e:#}"));
+            assert_eq!(got, HELLO, "{from} -> {to}");
+        }
+    }
+    println!("all containers reach each other across nodes (ping, TCP)");
+
+    // Node 2's agent pod restarts while c1a pings c2a (10 a second).
+    let (_, to_name, to_addr) = &containers[2];
+    assert_eq!(to_name, "c2a");
+    let target = to_addr.to_string();
+    let (n2, ns2, pod2, _) = &nodes[1];
+    let out = std::thread::scope(|s| {
+        let stream = s.spawn(|| {
+            runtimes[0].exec(
+                &nodes[0].1,
+                "c1a",
+                &["ping", "-c", "300", "-i", "0.1", "-W", "5", &target],
+            )
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        let restarted = Instant::now();
+        kube.run(&["pod", "restart", pod2])
+            .unwrap_or_else(|e| panic!("node {n2}: podman pod restart: {e:#}"));
+        println!(
+            "node {n2}: pod restarted in {:.1}s",
+            restarted.elapsed().as_secs_f64()
+        );
+        stream.join().expect("ping thread")
+    })
+    .unwrap_or_else(|e| panic!("c1a: ping {target} during the restart: {e:#}"));
+    let (sent, received) = ping_counts(&out).unwrap_or_else(|| {
+        panic!(
+            "no ping summary in:
+{out}"
+        )
+    });
+    println!(
+        "ping across node {n2}'s agent pod restart: {sent} sent, {received} received, {} lost",
+        sent - received
+    );
+    assert_eq!(sent, 300, "{out}");
+    assert!(
+        sent - received <= RESTART_LOSS,
+        "the restart lost {} pings (at most {RESTART_LOSS}):\n{out}",
+        sent - received
+    );
+    let after = runtimes[0]
+        .exec(&nodes[0].1, "c1a", &["ping", "-c", "3", "-W", "5", &target])
+        .must("ping after the restart");
+    assert!(after.contains("3 packets received"), "{after}");
+    let got = runtimes[1]
+        .exec(
+            ns2,
+            "c2b",
+            &[
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{}:8080/hello.txt", containers[0].2),
+            ],
+        )
+        .must("wget after the restart");
+    assert_eq!(got, HELLO);
+
+    // Deleting a container releases its address and its veth.
+    for (i, (n, ns, _, dirs)) in nodes.iter().enumerate() {
+        let (_, name, addr) = &containers[2 * i + 1];
+        runtimes[i]
+            .rm(ns, name)
+            .unwrap_or_else(|e| panic!("node {n}: podman rm {name}: {e:#}"));
+        assert!(
+            !allocations(dirs).contains(addr),
+            "node {n}: {name}'s {addr} still allocated"
+        );
+        assert_eq!(
+            allocations(dirs),
+            BTreeSet::from([containers[2 * i].2]),
+            "node {n}"
+        );
+        assert_eq!(cni_veths(ns).len(), 1, "node {n}: {:?}", cni_veths(ns));
+    }
+    for (i, (n, ns, _, dirs)) in nodes.iter().enumerate() {
+        runtimes[i]
+            .cleanup()
+            .unwrap_or_else(|e| panic!("node {n}: podman cleanup: {e:#}"));
+        assert!(
+            allocations(dirs).is_empty(),
+            "node {n}: {:?}",
+            allocations(dirs)
+        );
+        assert!(cni_veths(ns).is_empty(), "node {n}: {:?}", cni_veths(ns));
+    }
+}
+
+/// A node: number, namespace, pod name, directories.
+type Node = (u8, String, String, NodeDirs);
 
 #[test]
 fn without_the_secret_the_pod_says_how_to_create_it() {
