@@ -101,8 +101,10 @@ mod client {
 
     use super::{Change, INTERVAL, Me, NodeEntry, READ_TIMEOUT, RETRY, peers_of};
 
-    /// The path of the node list.
-    const NODES: &str = "/api/v1/nodes";
+    /// The node list. `resourceVersion=0`: any version will do, so the API server
+    /// answers from its watch cache instead of a quorum read of etcd (every node
+    /// asks, every interval).
+    const NODES: &str = "/api/v1/nodes?resourceVersion=0";
 
     /// The part of a `NodeList` weft reads. Decoding only this, rather than
     /// k8s-openapi's whole `Node`, keeps ~1 MB of deserialisers out of the agent.
@@ -241,7 +243,10 @@ mod client {
                         retry
                     }
                 };
-                tokio::time::sleep(wait).await;
+                // ±20 %, so that the agents a rollout started together do not ask
+                // the API server in step.
+                let jitter = 0.8 + (crate::node::random_u64() % 401) as f64 / 1000.0;
+                tokio::time::sleep(wait.mul_f64(jitter)).await;
             }
         }
     }

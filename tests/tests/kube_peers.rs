@@ -123,7 +123,7 @@ fn peers_follow_the_node_list() {
     assert!(
         api.requests()
             .iter()
-            .any(|r| r.starts_with("GET /api/v1/nodes")),
+            .any(|r| r.starts_with("GET /api/v1/nodes?resourceVersion=0 ")),
         "requests: {:?}",
         api.requests()
     );

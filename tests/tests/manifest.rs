@@ -86,6 +86,17 @@ fn daemonset_runs_the_agent_as_weave_net_ran() {
         template["metadata"]["annotations"]["seccomp.security.alpha.kubernetes.io/pod"],
         "unconfined"
     );
+    // AppArmor's default profiles deny writes below /sys/fs (bpffs pins).
+    assert_eq!(
+        spec["securityContext"]["appArmorProfile"]["type"],
+        "Unconfined"
+    );
+    assert_eq!(
+        template["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/weft"],
+        "unconfined"
+    );
+    // Cluster DNS runs on the network this agent provides.
+    assert!(spec["dnsPolicy"].is_null(), "{}", spec["dnsPolicy"]);
     // Every taint tolerated, for both effects.
     let tolerations = spec["tolerations"].as_array().expect("tolerations");
     for effect in ["NoSchedule", "NoExecute"] {
@@ -109,6 +120,8 @@ fn daemonset_runs_the_agent_as_weave_net_ran() {
         strings(&sc["capabilities"]["add"]),
         ["BPF", "NET_ADMIN", "PERFMON"]
     );
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(sc["seLinuxOptions"]["type"], "spc_t");
     let env: Vec<&str> = agent["env"]
         .as_array()
         .expect("env")
@@ -144,7 +157,7 @@ fn daemonset_runs_the_agent_as_weave_net_ran() {
     let secret = &var("WEAVE_PASSWORD")["valueFrom"]["secretKeyRef"];
     assert_eq!(secret["name"], "weave-passwd");
     assert_eq!(secret["optional"], true);
-    for probe in ["readinessProbe", "livenessProbe"] {
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
         let get = &agent[probe]["httpGet"];
         assert_eq!(get["host"], "127.0.0.1", "{probe}");
         assert_eq!(get["path"], "/status", "{probe}");
@@ -178,7 +191,7 @@ fn daemonset_runs_the_agent_as_weave_net_ran() {
             .collect()
     };
     let agent_mounts = mounts(agent);
-    for path in ["/sys/fs/bpf", "/run/weft", "/var/lib/weft", "/dev/net/tun"] {
+    for path in ["/sys/fs/bpf", "/run/weft", "/dev/net/tun"] {
         assert!(
             agent_mounts.contains(&(path.to_owned(), path.to_owned())),
             "{path} not mounted at the same path: {agent_mounts:?}"
@@ -205,6 +218,16 @@ fn daemonset_runs_the_agent_as_weave_net_ran() {
             "/host/etc/cni/net.d"
         ]
     );
+    assert_eq!(
+        strings(&init["securityContext"]["capabilities"]["drop"]),
+        ["ALL"]
+    );
+    // The plugin's blocks must be the agents': one range for both.
+    let init_range = init["env"]
+        .as_array()
+        .and_then(|e| e.iter().find(|v| v["name"] == "IPALLOC_RANGE"))
+        .map(|v| v["value"].clone());
+    assert_eq!(init_range, Some(var("IPALLOC_RANGE")["value"].clone()));
     let init_mounts = mounts(init);
     for (host, inside) in [
         ("/opt/cni/bin", "/host/opt/cni/bin"),
