@@ -471,25 +471,12 @@ impl Netdev {
 
     /// IPv4 addresses and prefix lengths on a link.
     pub async fn ipv4_addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetdevError> {
-        let mut out = Vec::new();
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        while let Some(msg) = addrs
-            .try_next()
-            .await
-            .map_err(|e| NetdevError::Request("listing addresses".to_owned(), e))?
-        {
-            for attr in &msg.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(a)) = attr {
-                    out.push((*a, msg.header.prefix_len));
-                }
-            }
-        }
-        Ok(out)
+        Ok(self
+            .ipv4_address_messages(index)
+            .await?
+            .into_iter()
+            .map(|(addr, prefix, _)| (addr, prefix))
+            .collect())
     }
 
     /// The address messages of a link's IPv4 addresses, with the address and prefix.

@@ -283,6 +283,13 @@ fn status(bin: &Path, dirs: &NodeDirs) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(&out)?)
 }
 
+/// The DaemonSet document of `deploy/weft.yaml`.
+fn daemonset_of_the_manifest() -> Value {
+    let text = std::fs::read_to_string(manifest::manifest_path()).must_io("reading the manifest");
+    let docs = documents(&text).must("manifest");
+    document(&docs, "DaemonSet").must("DaemonSet").clone()
+}
+
 #[test]
 fn daemonset_pods_form_a_mesh() {
     let bin = agent_bin();
@@ -298,9 +305,7 @@ fn daemonset_pods_form_a_mesh() {
     };
     let image = resolve_image(&podman, &mut cleanup, image);
 
-    let text = std::fs::read_to_string(manifest::manifest_path()).must_io("reading the manifest");
-    let docs = documents(&text).must("manifest");
-    let daemonset = document(&docs, "DaemonSet").must("DaemonSet").clone();
+    let daemonset = daemonset_of_the_manifest();
     std::fs::create_dir_all(tb.bpffs_dir()).must_io("creating the bpffs directory");
     let addrs: Vec<Ipv4Addr> = (1..=3).map(|n| tb.host(n).must("host").addr).collect();
     let mut nodes: Vec<Node> = Vec::new();
@@ -636,9 +641,7 @@ fn without_the_secret_the_pod_says_how_to_create_it() {
         loaded_image: None,
     };
     let image = resolve_image(&podman, &mut cleanup, image);
-    let text = std::fs::read_to_string(manifest::manifest_path()).must_io("reading the manifest");
-    let docs = documents(&text).must("manifest");
-    let daemonset = document(&docs, "DaemonSet").must("DaemonSet").clone();
+    let daemonset = daemonset_of_the_manifest();
     std::fs::create_dir_all(tb.bpffs_dir()).must_io("creating the bpffs directory");
     tb.add_default_route(1).must("default route");
     let dirs = NodeDirs::new(tb.dir(), 1);

@@ -188,13 +188,19 @@ pub fn vm_tools(arch: Arch) -> Result<()> {
         Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86"),
         Arch::Aarch64 => ("qemu-system-aarch64", "qemu-system-arm"),
     });
-    debian_tools(&tools, "VM tools", &|_| ())?;
-    let missing = missing_binaries(&tools);
+    require_tools(&tools, "VM tools", "the VM tests need")
+}
+
+/// Installs the missing Debian packages of `tools` (`what` names them in setup's
+/// messages); an error, starting with `purpose`, if one still cannot be found.
+fn require_tools(tools: &[(&str, &str)], what: &str, purpose: &str) -> Result<()> {
+    debian_tools(tools, what, &|_| ())?;
+    let missing = missing_binaries(tools);
     if !missing.is_empty() {
         bail!(
-            "the VM tests need {} (Debian: apt-get install {}); not installed",
+            "{purpose} {} (Debian: apt-get install {}); not installed",
             missing.join(", "),
-            packages_of(&tools).join(" ")
+            packages_of(tools).join(" ")
         );
     }
     Ok(())
@@ -231,30 +237,16 @@ pub fn foreign_architecture(arch: Arch) -> Result<()> {
 /// Installs the Debian packages of [`IMAGE_TOOLS`] that are missing; like
 /// [`vm_tools`], a tool that cannot be installed is an error.
 pub fn image_tools() -> Result<()> {
-    debian_tools(IMAGE_TOOLS, "image tools", &|_| ())?;
-    let missing = missing_binaries(IMAGE_TOOLS);
-    if !missing.is_empty() {
-        bail!(
-            "building the image needs {} (Debian: apt-get install {}); not installed",
-            missing.join(", "),
-            packages_of(IMAGE_TOOLS).join(" ")
-        );
-    }
-    Ok(())
+    require_tools(IMAGE_TOOLS, "image tools", "building the image needs")
 }
 
 /// Installs [`STATIC_BUILD_TOOLS`] that are missing; an error if one cannot be.
 pub fn static_build_tools() -> Result<()> {
-    debian_tools(STATIC_BUILD_TOOLS, "static build tools", &|_| ())?;
-    let missing = missing_binaries(STATIC_BUILD_TOOLS);
-    if !missing.is_empty() {
-        bail!(
-            "static builds need {} (Debian: apt-get install {}); not installed",
-            missing.join(", "),
-            packages_of(STATIC_BUILD_TOOLS).join(" ")
-        );
-    }
-    Ok(())
+    require_tools(
+        STATIC_BUILD_TOOLS,
+        "static build tools",
+        "static builds need",
+    )
 }
 
 /// The toolchain pinned by `rust-toolchain.toml` and its components. The toolchain
