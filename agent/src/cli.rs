@@ -11,6 +11,7 @@
 //! weft status [connections|peers] [--json] [--socket PATH]
 //! weft reset [--bridge NAME] [--socket PATH] [--bpffs PATH]
 //! weft install-cni [--bin-dir DIR] [--conf-dir DIR] [--ipalloc-range CIDR]
+//! weft cipher-speed [--datagram-len BYTES] [--millis MS] [--json]
 //! weft-cni                                   (the CNI plugin: CNI_* env, config on stdin)
 //! ```
 //!
@@ -73,6 +74,9 @@ pub enum Command {
     /// Install the CNI plugin (this binary, as `weft-cni`) and its network
     /// configuration, each atomically: a DaemonSet's init step.
     InstallCni(InstallCniArgs),
+    /// Measure how fast one core of this machine seals and opens encrypted sleeve
+    /// datagrams (XSalsa20-Poly1305): the bound on what the encrypted sleeve carries.
+    CipherSpeed(CipherSpeedArgs),
 }
 
 /// Options of `weft run`.
@@ -247,6 +251,32 @@ pub struct ResetArgs {
     /// Where bpffs is mounted (as given to `weft run`).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+}
+
+/// Options of `weft cipher-speed`.
+#[derive(Debug, Args)]
+pub struct CipherSpeedArgs {
+    /// Datagram length, bytes (1472 fills a 1500-byte underlay MTU; at most 65507,
+    /// the largest UDP datagram).
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = 1472,
+        value_parser = clap::value_parser!(u16).range(64..=65507)
+    )]
+    pub datagram_len: u16,
+    /// Milliseconds spent sealing, and then opening (the run takes about three
+    /// times this: datagrams to open are sealed untimed).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(1..=60_000)
+    )]
+    pub millis: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `weft status`.
@@ -646,6 +676,37 @@ mod tests {
         }
         let e = Cli::try_parse_from(["weft", "forget"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn cipher_speed_defaults_and_bounds() {
+        match Cli::try_parse_from(["weft", "cipher-speed"])
+            .unwrap()
+            .command
+        {
+            Command::CipherSpeed(a) => {
+                assert_eq!((a.datagram_len, a.millis, a.json), (1472, 1000, false));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let ok = [
+            "weft",
+            "cipher-speed",
+            "--datagram-len",
+            "65507",
+            "--millis",
+            "1",
+        ];
+        assert!(Cli::try_parse_from(ok).is_ok());
+        for bad in [
+            ["--datagram-len", "63"],
+            ["--datagram-len", "65508"],
+            ["--millis", "0"],
+            ["--millis", "60001"],
+        ] {
+            let e = Cli::try_parse_from(["weft", "cipher-speed", bad[0], bad[1]]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The figures that are not per mode: each eBPF program's cost per packet
 //! (`BPF_PROG_TEST_RUN`), the time and kernel memory to program the maps at scale, and
-//! the agent's footprint (RSS idle and with 4,096 peers, stripped size).
+//! the agent's footprint (RSS idle and with 4,096 peers, stripped size), and how fast
+//! one core seals and opens encrypted sleeve datagrams (`weft cipher-speed`).
 //!
 //! The eBPF object is loaded by a thread that first moves into a network namespace of
 //! its own (`unshare(CLONE_NEWNET)`) holding an underlay veth `ul0`, as the
@@ -444,6 +445,78 @@ pub fn agent_footprint(agent: &Path) -> Result<AgentFootprint> {
     })
 }
 
+/// How fast one core seals and opens encrypted sleeve datagrams (`weft cipher-speed`).
+#[derive(Debug, Clone, Copy)]
+pub struct CipherSpeed {
+    /// Datagram length, bytes.
+    pub datagram_len: u64,
+    /// Datagram bytes sealed per second, one core.
+    pub seal_bytes_per_sec: f64,
+    /// Datagram bytes opened per second, one core.
+    pub open_bytes_per_sec: f64,
+}
+
+impl CipherSpeed {
+    /// The most one encrypted sleeve stream can carry, datagram bits per second:
+    /// each agent seals on one thread and opens on another, so a stream is bounded by
+    /// the slower of the two on one core, and by `cpus` CPUs doing nothing but sealing
+    /// and opening it (each byte sealed once, opened once). An upper bound: it leaves
+    /// out the TCP stacks, copies, system calls, headers and the ACKs' datagrams.
+    /// `None` without a CPU count or a speed.
+    pub fn ceiling_bits_per_sec(&self, cpus: usize) -> Option<f64> {
+        if cpus == 0 || self.seal_bytes_per_sec <= 0.0 || self.open_bytes_per_sec <= 0.0 {
+            return None;
+        }
+        let secs_per_byte = 1.0 / self.seal_bytes_per_sec + 1.0 / self.open_bytes_per_sec;
+        let bytes = (cpus as f64 / secs_per_byte)
+            .min(self.seal_bytes_per_sec)
+            .min(self.open_bytes_per_sec);
+        Some(bytes * 8.0)
+    }
+
+    /// For bench.json.
+    pub fn json(&self) -> Value {
+        json!({
+            "datagram_len": self.datagram_len,
+            "seal_bytes_per_sec": self.seal_bytes_per_sec,
+            "open_bytes_per_sec": self.open_bytes_per_sec,
+        })
+    }
+}
+
+/// Runs `weft cipher-speed --json` (1,472-byte datagrams, 1 s of sealing and 1 s of
+/// opening; 0.2 s each with `--quick`).
+pub fn cipher_speed(agent: &Path, quick: bool) -> Result<CipherSpeed> {
+    let millis = if quick { "200" } else { "1000" };
+    let out = Command::new(agent)
+        .args([
+            "cipher-speed",
+            "--json",
+            "--datagram-len",
+            "1472",
+            "--millis",
+            millis,
+        ])
+        .output()
+        .with_context(|| format!("running {} cipher-speed", agent.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} cipher-speed failed: {}",
+        agent.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).context("parsing cipher-speed JSON")?;
+    let num = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("cipher-speed JSON has no number {k:?}"))
+    };
+    Ok(CipherSpeed {
+        datagram_len: num("datagram_len")? as u64,
+        seal_bytes_per_sec: num("seal_bytes_per_sec")?,
+        open_bytes_per_sec: num("open_bytes_per_sec")?,
+    })
+}
+
 /// Starts host 1's agent, waits 2 s after it is ready; (start to ready, VmRSS, VmHWM).
 fn start_and_measure(tb: &mut Testbed, agent: &Path) -> Result<(Duration, u64, u64)> {
     let start = Instant::now();
@@ -495,6 +568,32 @@ fn stripped_size(binary: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cipher_ceiling_is_cpus_over_seal_plus_open_time() {
+        let c = CipherSpeed {
+            datagram_len: 1472,
+            seal_bytes_per_sec: 200e6,
+            open_bytes_per_sec: 200e6,
+        };
+        // Each byte costs 10 ns of one CPU: 2 CPUs carry 200 MB/s, 1.6 Gbit/s.
+        assert!((c.ceiling_bits_per_sec(2).unwrap() - 1.6e9).abs() < 1.0);
+        // One CPU: half of that.
+        assert!((c.ceiling_bits_per_sec(1).unwrap() - 0.8e9).abs() < 1.0);
+        // More CPUs do not help one stream past its one sealing thread.
+        assert!((c.ceiling_bits_per_sec(8).unwrap() - 1.6e9).abs() < 1.0);
+        let slow_open = CipherSpeed {
+            open_bytes_per_sec: 100e6,
+            ..c
+        };
+        assert!((slow_open.ceiling_bits_per_sec(64).unwrap() - 0.8e9).abs() < 1.0);
+        let none = CipherSpeed {
+            open_bytes_per_sec: 0.0,
+            ..c
+        };
+        assert_eq!(none.ceiling_bits_per_sec(2), None);
+        assert_eq!(c.ceiling_bits_per_sec(0), None);
+    }
 
     #[test]
     fn scale_addresses_are_distinct() {

@@ -192,6 +192,9 @@ fn run_inner(ws: &Workspace, args: &Args, agent: &Path) -> Result<PathBuf> {
     progress_line("agent: RSS idle and with 4,096 peers; stripped size");
     rep.agent = Some(micro::agent_footprint(agent)?);
     check_interrupt()?;
+    progress_line("agent: sleeve cipher speed, one core (weft cipher-speed)");
+    rep.cipher = Some(micro::cipher_speed(agent, args.quick)?);
+    check_interrupt()?;
 
     // Per mode: set every mode up once, then interleave the rounds.
     let ctx = modes::Ctx { agent };

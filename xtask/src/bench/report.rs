@@ -15,7 +15,7 @@ use super::{
     Durations,
     live::LiveCost,
     measure::{Metric, Sample, Test, UDP_PAYLOAD},
-    micro::{AgentFootprint, MapScale, ProgCost},
+    micro::{AgentFootprint, CipherSpeed, MapScale, ProgCost},
     profile::Profile,
 };
 
@@ -109,6 +109,8 @@ pub struct Report {
     pub map_scale: Option<MapScale>,
     /// Agent footprint.
     pub agent: Option<AgentFootprint>,
+    /// The sleeve cipher's speed on one core.
+    pub cipher: Option<CipherSpeed>,
     /// Per mode: what its agents reported after the rounds (null if none).
     pub diagnostics: Vec<(String, Value)>,
     /// Wall time of the whole run.
@@ -205,6 +207,7 @@ impl Report {
             live: Vec::new(),
             map_scale: None,
             agent: None,
+            cipher: None,
             diagnostics: Vec::new(),
             elapsed: Duration::ZERO,
         }
@@ -313,6 +316,13 @@ impl Report {
         match &self.agent {
             Some(a) if a.idle_rss_kib > 0 && a.scale_rss_kib > 0 && a.stripped_bytes > 0 => {}
             _ => missing.push("agent footprint".into()),
+        }
+        match &self.cipher {
+            Some(c)
+                if [c.seal_bytes_per_sec, c.open_bytes_per_sec]
+                    .iter()
+                    .all(|v| v.is_finite() && *v > 0.0) => {}
+            _ => missing.push("sleeve cipher speed".into()),
         }
         if !missing.is_empty() {
             bail!("missing or zero: {}", missing.join("; "));
@@ -534,6 +544,24 @@ impl Report {
                 mib(a.stripped_bytes)
             );
         }
+        if let Some(c) = &self.cipher {
+            let _ = writeln!(
+                s,
+                "| sleeve cipher (XSalsa20-Poly1305), one core, {}-byte datagrams: seal / open | \
+                 {:.0} MB/s / {:.0} MB/s |",
+                c.datagram_len,
+                c.seal_bytes_per_sec / 1e6,
+                c.open_bytes_per_sec / 1e6
+            );
+            let cpus = cpu_count();
+            let _ = writeln!(
+                s,
+                "| encrypted sleeve ceiling, one stream (one sealing and one opening \
+                 thread sharing {cpus} CPUs, nothing else; datagram bits) | {} |",
+                c.ceiling_bits_per_sec(cpus)
+                    .map_or_else(|| "-".into(), |b| format!("{:.2} Gbit/s", b / 1e9))
+            );
+        }
     }
 
     /// Agent RSS after the traffic, and any nonzero drop counters of weft modes.
@@ -649,17 +677,17 @@ impl Report {
             "ebpf_live": self.live.iter().map(LiveCost::json).collect::<Vec<_>>(),
             "map_scale": self.map_scale.as_ref().map(MapScale::json),
             "agent": self.agent.as_ref().map(AgentFootprint::json),
+            "sleeve_cipher": self.cipher.as_ref().map(CipherSpeed::json),
             "diagnostics": self.diagnostics.iter().map(|(m, d)| json!({"mode": m, "agents": d}))
                 .collect::<Vec<_>>(),
         })
     }
 }
 
-/// `2 CPUs (AMD EPYC ...), Linux 6.18.44`.
+/// `2 CPUs (AMD EPYC ...), Linux 6.18.44, TCP congestion control bbr` (the congestion
+/// control of xtask's own network namespace, the host's default when run from it).
 fn machine_line() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cpus = cpu_count();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -671,7 +699,18 @@ fn machine_line() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    format!("{cpus} CPUs ({model}), Linux {kernel}")
+    // Every namespace of the testbed starts with the host's default congestion
+    // control, and it shapes single-stream figures (pacing, in-flight limits).
+    let congestion = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{cpus} CPUs ({model}), Linux {kernel}, TCP congestion control {congestion}")
+}
+
+fn cpu_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
 }
 
 fn mib(bytes: u64) -> String {
@@ -806,7 +845,23 @@ mod tests {
         // Per-mode figures are complete, but the other figures are missing.
         let e = r.check_sane().unwrap_err();
         assert!(format!("{e}").contains("eBPF per-packet costs"), "{e}");
+        assert!(format!("{e}").contains("sleeve cipher speed"), "{e}");
         assert!(!format!("{e}").contains("senders did not segment"), "{e}");
+        // A cipher figure that is not a finite positive rate counts as missing.
+        r.cipher = Some(CipherSpeed {
+            datagram_len: 1472,
+            seal_bytes_per_sec: f64::INFINITY,
+            open_bytes_per_sec: 1e8,
+        });
+        let e = r.check_sane().unwrap_err();
+        assert!(format!("{e}").contains("sleeve cipher speed"), "{e}");
+        r.cipher = Some(CipherSpeed {
+            datagram_len: 1472,
+            seal_bytes_per_sec: 1e8,
+            open_bytes_per_sec: 1e8,
+        });
+        let e = r.check_sane().unwrap_err();
+        assert!(!format!("{e}").contains("sleeve cipher speed"), "{e}");
         r.add_sample(1, Profile::Veth, "raw", sample(Metric::UdpMpps, 0.0));
         r.add_sample(
             1,
