@@ -128,14 +128,7 @@ fn print_cipher_speed(args: &CipherSpeedArgs) -> anyhow::Result<()> {
         std::time::Duration::from_millis(args.millis),
     )?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "datagram_len": s.datagram_len,
-                "seal_bytes_per_sec": s.seal_bytes_per_sec,
-                "open_bytes_per_sec": s.open_bytes_per_sec,
-            })
-        );
+        println!("{}", serde_json::to_string(&s)?);
     } else {
         println!(
             "XSalsa20-Poly1305, one core, {}-byte datagrams: seal {:.0} MB/s, open {:.0} MB/s",

@@ -78,23 +78,21 @@ fn daemonset_runs_the_agent_as_weave_net_ran() {
     let spec = &template["spec"];
     assert_eq!(spec["hostNetwork"], true);
     assert_eq!(spec["priorityClassName"], "system-node-critical");
-    assert_eq!(
-        spec["securityContext"]["seccompProfile"]["type"],
-        "Unconfined"
-    );
-    assert_eq!(
-        template["metadata"]["annotations"]["seccomp.security.alpha.kubernetes.io/pod"],
-        "unconfined"
-    );
-    // AppArmor's default profiles deny writes below /sys/fs (bpffs pins).
-    assert_eq!(
-        spec["securityContext"]["appArmorProfile"]["type"],
-        "Unconfined"
-    );
-    assert_eq!(
-        template["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/weft"],
-        "unconfined"
-    );
+    // Unconfined by seccomp and AppArmor (whose default profiles deny writes below
+    // /sys/fs: bpffs pins), in the field and in the annotation older kubelets read.
+    for (profile, annotation) in [
+        ("seccompProfile", "seccomp.security.alpha.kubernetes.io/pod"),
+        (
+            "appArmorProfile",
+            "container.apparmor.security.beta.kubernetes.io/weft",
+        ),
+    ] {
+        assert_eq!(spec["securityContext"][profile]["type"], "Unconfined");
+        assert_eq!(
+            template["metadata"]["annotations"][annotation],
+            "unconfined"
+        );
+    }
     // Cluster DNS runs on the network this agent provides.
     assert!(spec["dnsPolicy"].is_null(), "{}", spec["dnsPolicy"]);
     // Every taint tolerated, for both effects.

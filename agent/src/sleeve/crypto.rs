@@ -191,8 +191,9 @@ impl SleeveOpener {
 }
 
 /// How fast one core seals and opens sleeve datagrams: what bounds the encrypted
-/// sleeve's throughput (`weft cipher-speed`, and a figure of `cargo xtask bench`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// sleeve's throughput (`weft cipher-speed`, and a figure of `cargo xtask bench`, which
+/// reads these fields from `weft cipher-speed --json`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct CipherSpeed {
     /// Datagram length measured, bytes (header, tag and frames).
     pub datagram_len: usize,

@@ -24,6 +24,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use weft_common::maps::{FLOOD_MAP, MACS_MAP, MacEntry, MacKey, PEERS_MAP, PeerEntry, programs};
 use weft_testbed::{
@@ -445,8 +446,9 @@ pub fn agent_footprint(agent: &Path) -> Result<AgentFootprint> {
     })
 }
 
-/// How fast one core seals and opens encrypted sleeve datagrams (`weft cipher-speed`).
-#[derive(Debug, Clone, Copy)]
+/// How fast one core seals and opens encrypted sleeve datagrams: the JSON of
+/// `weft cipher-speed --json`, as bench.json keeps it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct CipherSpeed {
     /// Datagram length, bytes.
     pub datagram_len: u64,
@@ -473,15 +475,6 @@ impl CipherSpeed {
             .min(self.open_bytes_per_sec);
         Some(bytes * 8.0)
     }
-
-    /// For bench.json.
-    pub fn json(&self) -> Value {
-        json!({
-            "datagram_len": self.datagram_len,
-            "seal_bytes_per_sec": self.seal_bytes_per_sec,
-            "open_bytes_per_sec": self.open_bytes_per_sec,
-        })
-    }
 }
 
 /// Runs `weft cipher-speed --json` (1,472-byte datagrams, 1 s of sealing and 1 s of
@@ -505,16 +498,7 @@ pub fn cipher_speed(agent: &Path, quick: bool) -> Result<CipherSpeed> {
         agent.display(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing cipher-speed JSON")?;
-    let num = |k: &str| {
-        v[k].as_f64()
-            .with_context(|| format!("cipher-speed JSON has no number {k:?}"))
-    };
-    Ok(CipherSpeed {
-        datagram_len: num("datagram_len")? as u64,
-        seal_bytes_per_sec: num("seal_bytes_per_sec")?,
-        open_bytes_per_sec: num("open_bytes_per_sec")?,
-    })
+    serde_json::from_slice(&out.stdout).context("parsing the JSON of weft cipher-speed")
 }
 
 /// Starts host 1's agent, waits 2 s after it is ready; (start to ready, VmRSS, VmHWM).

@@ -677,7 +677,7 @@ impl Report {
             "ebpf_live": self.live.iter().map(LiveCost::json).collect::<Vec<_>>(),
             "map_scale": self.map_scale.as_ref().map(MapScale::json),
             "agent": self.agent.as_ref().map(AgentFootprint::json),
-            "sleeve_cipher": self.cipher.as_ref().map(CipherSpeed::json),
+            "sleeve_cipher": self.cipher,
             "diagnostics": self.diagnostics.iter().map(|(m, d)| json!({"mode": m, "agents": d}))
                 .collect::<Vec<_>>(),
         })
