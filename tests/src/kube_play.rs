@@ -62,6 +62,13 @@ impl Podman {
         run_timeout(self.command().args(args), PODMAN_TIMEOUT)
     }
 
+    /// Runs `podman ARGS` in network namespace `ns` and returns stdout. Whatever
+    /// (re)starts a host-network container must run here: its container joins the
+    /// namespace podman runs in.
+    pub fn run_in(&self, ns: &str, args: &[&str]) -> Result<String> {
+        run_timeout(self.command_in(ns).args(args), PODMAN_TIMEOUT)
+    }
+
     /// Whether the image is in the store.
     pub fn image_exists(&self, image: &str) -> bool {
         output(

@@ -548,7 +548,9 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
         });
         std::thread::sleep(Duration::from_secs(3));
         let restarted = Instant::now();
-        kube.run(&["pod", "restart", pod2])
+        // In the node's namespace, as a kubelet runs on its node: a host-network
+        // container restarted from another namespace would join that one.
+        kube.run_in(ns2, &["pod", "restart", pod2])
             .unwrap_or_else(|e| panic!("node {n2}: podman pod restart: {e:#}"));
         restart_secs = restarted.elapsed().as_secs_f64();
         println!("node {n2}: pod restarted in {restart_secs:.1}s");
@@ -572,8 +574,9 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
     let bound = RESTART_LOSS.max(((restart_secs + 3.0) * 10.0).ceil() as u32);
     assert!(
         sent - received <= bound,
-        "the restart lost {} pings (at most {bound}; the pod restart took {restart_secs:.1} s):\n{out}",
-        sent - received
+        "the restart lost {} pings (at most {bound}; the pod restart took {restart_secs:.1} s):\n{out}\n{}",
+        sent - received,
+        mesh_diagnostics(kube, nodes)
     );
     let after = runtimes[0]
         .exec(&nodes[0].1, "c1a", &["ping", "-c", "3", "-W", "5", &target])
@@ -622,6 +625,18 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
         );
         assert!(cni_veths(ns).is_empty(), "node {n}: {:?}", cni_veths(ns));
     }
+}
+
+/// Each node's `weft status` and agent log, for a failure message.
+fn mesh_diagnostics(kube: &Podman, nodes: &[Node]) -> String {
+    let bin = agent_bin();
+    let mut text = String::new();
+    for (n, _, pod, dirs) in nodes {
+        let status = status(&bin, dirs).unwrap_or(Value::Null);
+        let logs = kube.logs(&format!("{pod}-weft"));
+        text += &format!("node {n} status: {status:#}\nnode {n} log:\n{logs}\n");
+    }
+    text
 }
 
 /// A node: number, namespace, pod name, directories.
