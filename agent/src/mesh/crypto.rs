@@ -2,20 +2,17 @@
 //! key (NaCl `crypto_box_beforenm`, then SHA-256 with the password) and the secretbox
 //! framing with Weave's TCP nonces.
 
-use crypto_secretbox::{
-    Nonce, XSalsa20Poly1305,
-    aead::{Aead, KeyInit},
-};
 use salsa20::cipher::consts::U10;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+use weft_cipher::SecretBox;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::SessionKey;
 
 /// Poly1305 tag length: a sealed message is this much longer than its plaintext.
-pub const TAG_LEN: usize = 16;
+pub const TAG_LEN: usize = weft_cipher::TAG_LEN;
 
 /// The mesh password. Its bytes are wiped on drop and never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -113,7 +110,7 @@ pub struct DecryptError;
 
 /// Seals the messages one side sends, numbering them from 0.
 pub struct TcpSealer {
-    cipher: XSalsa20Poly1305,
+    cipher: SecretBox,
     outbound: bool,
     seq: u64,
 }
@@ -131,7 +128,7 @@ impl TcpSealer {
     /// The sealer of the side that dialled (`outbound`) or accepted.
     pub fn new(key: &SessionKey, outbound: bool) -> Self {
         TcpSealer {
-            cipher: XSalsa20Poly1305::new((&key.0).into()),
+            cipher: SecretBox::new(&key.0),
             outbound,
             seq: 0,
         }
@@ -141,17 +138,17 @@ impl TcpSealer {
     pub fn seal(&mut self, plaintext: &[u8]) -> Vec<u8> {
         let nonce = tcp_nonce(self.outbound, self.seq);
         self.seq += 1;
-        self.cipher
-            .encrypt(Nonce::from_slice(&nonce), plaintext)
-            // Encryption of an in-memory buffer fails only with associated data, which
-            // secretbox has none of.
-            .unwrap_or_default()
+        let mut sealed = vec![0; TAG_LEN + plaintext.len()];
+        let (tag, body) = sealed.split_at_mut(TAG_LEN);
+        body.copy_from_slice(plaintext);
+        tag.copy_from_slice(&self.cipher.seal_in_place(&nonce, body));
+        sealed
     }
 }
 
 /// Opens the messages the other side sends, expecting its counter exactly.
 pub struct TcpOpener {
-    cipher: XSalsa20Poly1305,
+    cipher: SecretBox,
     sender_outbound: bool,
     seq: u64,
 }
@@ -170,7 +167,7 @@ impl TcpOpener {
     /// accepted; the receiver's own direction is the opposite.
     pub fn new(key: &SessionKey, sender_outbound: bool) -> Self {
         TcpOpener {
-            cipher: XSalsa20Poly1305::new((&key.0).into()),
+            cipher: SecretBox::new(&key.0),
             sender_outbound,
             seq: 0,
         }
@@ -182,9 +179,14 @@ impl TcpOpener {
             return Err(DecryptError);
         }
         let nonce = tcp_nonce(self.sender_outbound, self.seq);
-        let plain = self
-            .cipher
-            .decrypt(Nonce::from_slice(&nonce), sealed)
+        let (tag, body) = sealed.split_at(TAG_LEN);
+        let mut plain = body.to_vec();
+        self.cipher
+            .open_in_place(
+                &nonce,
+                &mut plain,
+                tag.try_into().map_err(|_| DecryptError)?,
+            )
             .map_err(|_| DecryptError)?;
         self.seq += 1;
         Ok(plain)

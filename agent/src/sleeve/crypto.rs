@@ -10,8 +10,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crypto_secretbox::{AeadInPlace, KeyInit, Nonce, Tag, XSalsa20Poly1305};
 use thiserror::Error;
+use weft_cipher::{NONCE_LEN, SecretBox};
 
 use super::{
     frame::{NAME_LEN, SEALED_HEADER_LEN, SEQ_LEN, TAG_LEN},
@@ -55,8 +55,8 @@ pub enum OpenError {
     },
 }
 
-fn nonce(sender_outbound: bool, seq_and_df: u64) -> Nonce {
-    let mut n = Nonce::default();
+fn nonce(sender_outbound: bool, seq_and_df: u64) -> [u8; NONCE_LEN] {
+    let mut n = [0; NONCE_LEN];
     if sender_outbound {
         n[0] = 0x80;
     }
@@ -67,7 +67,7 @@ fn nonce(sender_outbound: bool, seq_and_df: u64) -> Nonce {
 /// Seals this side's datagrams. `Send + Sync`: the counters are atomics, so a TX thread
 /// can own it or several can share it.
 pub struct SleeveSealer {
-    cipher: XSalsa20Poly1305,
+    cipher: SecretBox,
     outbound: bool,
     seq: AtomicU64,
     seq_df: AtomicU64,
@@ -87,7 +87,7 @@ impl SleeveSealer {
     /// A sealer for the side that dialled the TCP connection (`outbound`) or accepted it.
     pub fn new(key: &SessionKey, outbound: bool) -> Self {
         SleeveSealer {
-            cipher: XSalsa20Poly1305::new(&key.0.into()),
+            cipher: SecretBox::new(&key.0),
             outbound,
             seq: AtomicU64::new(0),
             seq_df: AtomicU64::new(0),
@@ -111,8 +111,7 @@ impl SleeveSealer {
         head[NAME_LEN..NAME_LEN + SEQ_LEN].copy_from_slice(&seq_and_df.to_be_bytes());
         let tag = self
             .cipher
-            .encrypt_in_place_detached(&nonce(self.outbound, seq_and_df), &[], body)
-            .map_err(|_| SealError::BuilderMismatch)?;
+            .seal_in_place(&nonce(self.outbound, seq_and_df), body);
         head[NAME_LEN + SEQ_LEN..].copy_from_slice(&tag);
         Ok(seq_and_df)
     }
@@ -129,7 +128,7 @@ impl SleeveSealer {
 /// Opens the remote side's datagrams: decrypts in place, then checks replay per stream
 /// (DF and non-DF).
 pub struct SleeveOpener {
-    cipher: XSalsa20Poly1305,
+    cipher: SecretBox,
     remote_outbound: bool,
     replay: ReplayWindow,
     replay_df: ReplayWindow,
@@ -148,7 +147,7 @@ impl SleeveOpener {
     /// opposite polarity from its own sealer.
     pub fn new(key: &SessionKey, outbound: bool) -> Self {
         SleeveOpener {
-            cipher: XSalsa20Poly1305::new(&key.0.into()),
+            cipher: SecretBox::new(&key.0),
             remote_outbound: !outbound,
             replay: ReplayWindow::new(),
             replay_df: ReplayWindow::new(),
@@ -170,9 +169,10 @@ impl SleeveOpener {
         let mut seq = [0u8; SEQ_LEN];
         seq.copy_from_slice(&head[NAME_LEN..NAME_LEN + SEQ_LEN]);
         let seq_and_df = u64::from_be_bytes(seq);
-        let tag = Tag::clone_from_slice(&head[NAME_LEN + SEQ_LEN..NAME_LEN + SEQ_LEN + TAG_LEN]);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&head[NAME_LEN + SEQ_LEN..NAME_LEN + SEQ_LEN + TAG_LEN]);
         self.cipher
-            .decrypt_in_place_detached(&nonce(self.remote_outbound, seq_and_df), &[], body, &tag)
+            .open_in_place(&nonce(self.remote_outbound, seq_and_df), body, &tag)
             .map_err(|_| OpenError::Decrypt)?;
         let df = seq_and_df & DF_FLAG != 0;
         let window = if df {
