@@ -60,6 +60,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest HTTP response read from weaver.
 const HTTP_MAX_BYTES: u64 = 8 << 20;
+/// The MTU weaver shows for a sleeve connection before its path-MTU search ends.
+const UNDISCOVERED_MTU: u32 = 65535;
 
 /// The weaver binary named by [`WEAVER_ENV`], if it is set and not empty.
 pub fn weaver_path() -> Option<PathBuf> {
@@ -514,7 +516,9 @@ impl Weaver {
     }
 
     /// Waits up to `timeout` until a connection to the peer named `peer_name` is
-    /// `established`, and returns it. Fails with the last `/status/connections` and the
+    /// `established` with its MTU known, and returns it. (A sleeve connection shows
+    /// `established` with `mtu=65535`, Weave's "not yet discovered", until its path-MTU
+    /// search ends a moment later.) Fails with the last `/status/connections` and the
     /// log's tail otherwise, or at once if weaver exited.
     pub fn wait_connection_established(
         &mut self,
@@ -534,7 +538,9 @@ impl Weaver {
             let last = match self.status_text("/status/connections") {
                 Ok(text) => {
                     if let Some(c) = WeaveConnection::parse_all(&text).into_iter().find(|c| {
-                        c.state == "established" && c.peer_name.as_deref() == Some(peer_name)
+                        c.state == "established"
+                            && c.peer_name.as_deref() == Some(peer_name)
+                            && c.mtu != Some(UNDISCOVERED_MTU)
                     }) {
                         return Ok(c);
                     }

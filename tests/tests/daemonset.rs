@@ -551,7 +551,12 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
         // In the node's namespace, as a kubelet runs on its node: a host-network
         // container restarted from another namespace would join that one.
         kube.run_in(ns2, &["pod", "restart", pod2])
-            .unwrap_or_else(|e| panic!("node {n2}: podman pod restart: {e:#}"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "node {n2}: podman pod restart: {e:#}\n{}",
+                    mesh_diagnostics(kube, nodes)
+                )
+            });
         restart_secs = restarted.elapsed().as_secs_f64();
         println!("node {n2}: pod restarted in {restart_secs:.1}s");
         stream.join().expect("ping thread")
@@ -568,6 +573,14 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
         sent - received
     );
     assert_eq!(sent, 300, "{out}");
+    // The restarted agent runs in its node's namespace (a host-network container
+    // joins the namespace of whoever starts it).
+    assert_eq!(
+        agent_netns(kube, pod2),
+        netns_id(&format!("/run/netns/{ns2}")),
+        "node {n2}: the restarted agent is not in the node's network namespace\n{}",
+        mesh_diagnostics(kube, nodes)
+    );
     // A slow `podman pod restart` on a loaded machine is the runtime's time, not
     // weft's: the bound grows with it (10 pings a second, plus 3 s for the agent to
     // start and its connections to come back).
@@ -580,8 +593,17 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
     );
     let after = runtimes[0]
         .exec(&nodes[0].1, "c1a", &["ping", "-c", "3", "-W", "5", &target])
-        .must("ping after the restart");
-    assert!(after.contains("3 packets received"), "{after}");
+        .unwrap_or_else(|e| {
+            panic!(
+                "ping after the restart: {e:#}\n{}",
+                mesh_diagnostics(kube, nodes)
+            )
+        });
+    assert!(
+        after.contains("3 packets received"),
+        "{after}\n{}",
+        mesh_diagnostics(kube, nodes)
+    );
     let got = runtimes[1]
         .exec(
             ns2,
@@ -594,7 +616,12 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
                 &format!("http://{}:8080/hello.txt", containers[0].2),
             ],
         )
-        .must("wget after the restart");
+        .unwrap_or_else(|e| {
+            panic!(
+                "wget after the restart: {e:#}\n{}",
+                mesh_diagnostics(kube, nodes)
+            )
+        });
     assert_eq!(got, HELLO);
 
     // Deleting a container releases its address and its veth.
@@ -627,16 +654,49 @@ fn containers_on_the_plugin(tb: &Testbed, kube: &Podman, nodes: &[Node]) {
     }
 }
 
-/// Each node's `weft status` and agent log, for a failure message.
+/// Each node's agent container (state, whether it runs in the node's network
+/// namespace), `weft status` and the end of its log, for a failure message (the
+/// password, should it appear, replaced).
 fn mesh_diagnostics(kube: &Podman, nodes: &[Node]) -> String {
+    const LOG_LINES: usize = 100;
     let bin = agent_bin();
     let mut text = String::new();
-    for (n, _, pod, dirs) in nodes {
+    for (n, ns, pod, dirs) in nodes {
+        let container = format!("{pod}-weft");
+        let state = kube.state(&container).unwrap_or_default();
+        let in_node_ns = agent_netns(kube, pod) == netns_id(&format!("/run/netns/{ns}"));
         let status = status(&bin, dirs).unwrap_or(Value::Null);
-        let logs = kube.logs(&format!("{pod}-weft"));
-        text += &format!("node {n} status: {status:#}\nnode {n} log:\n{logs}\n");
+        let logs = kube.logs(&container);
+        let lines: Vec<&str> = logs.lines().collect();
+        let tail = lines[lines.len().saturating_sub(LOG_LINES)..].join("\n");
+        text += &format!(
+            "node {n}: agent {state}, in the node's namespace: {in_node_ns}\n\
+             node {n} status: {status:#}\nnode {n} log (last {LOG_LINES} lines):\n{tail}\n"
+        );
     }
-    text
+    text.replace(PASSWORD, "<password>")
+}
+
+/// The network namespace (device, inode) of a pod's agent container's process, if
+/// it runs.
+fn agent_netns(kube: &Podman, pod: &str) -> Option<(u64, u64)> {
+    let pid = kube
+        .run(&[
+            "inspect",
+            "--format",
+            "{{.State.Pid}}",
+            &format!("{pod}-weft"),
+        ])
+        .ok()?;
+    let pid: u32 = pid.trim().parse().ok().filter(|&p| p != 0)?;
+    netns_id(&format!("/proc/{pid}/ns/net"))
+}
+
+/// The (device, inode) naming the network namespace at `path`.
+fn netns_id(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
 }
 
 /// A node: number, namespace, pod name, directories.

@@ -8,6 +8,7 @@
 //! which is what bounds the encrypted sleeve's throughput; the rest of the agent stays
 //! small.
 #![no_std]
+#![forbid(unsafe_code)]
 
 use crypto_secretbox::{AeadInPlace, KeyInit, Nonce, Tag, XSalsa20Poly1305};
 
@@ -19,7 +20,6 @@ pub const NONCE_LEN: usize = 24;
 pub const TAG_LEN: usize = 16;
 
 /// A secretbox keyed once, used for many messages.
-#[derive(Clone)]
 pub struct SecretBox {
     cipher: XSalsa20Poly1305,
 }
@@ -53,17 +53,24 @@ impl SecretBox {
     }
 
     /// Encrypts `buf` in place under `nonce`; returns the tag authenticating it.
+    ///
+    /// Not inlined: its body stays as this crate compiled it, even under the agent's
+    /// fat LTO at opt-level "s".
+    #[inline(never)]
     pub fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], buf: &mut [u8]) -> [u8; TAG_LEN] {
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), &[], buf)
-            // XSalsa20's keystream covers 2^70 bytes: no slice is too long.
-            .expect("secretbox message length within the cipher's limit");
+            .encrypt_in_place_detached(&Nonce::from(*nonce), &[], buf)
+            // It errs only when given associated data, which secretbox has none of.
+            .expect("secretbox sealing without associated data");
         tag.into()
     }
 
     /// Checks `tag` and decrypts `buf` in place under `nonce`; on failure `buf` is
-    /// unchanged.
+    /// unchanged (the tag is checked before any byte is decrypted).
+    ///
+    /// Not inlined, as [`SecretBox::seal_in_place`].
+    #[inline(never)]
     pub fn open_in_place(
         &self,
         nonce: &[u8; NONCE_LEN],
@@ -71,7 +78,7 @@ impl SecretBox {
         tag: &[u8; TAG_LEN],
     ) -> Result<(), AuthenticationFailed> {
         self.cipher
-            .decrypt_in_place_detached(Nonce::from_slice(nonce), &[], buf, Tag::from_slice(tag))
+            .decrypt_in_place_detached(&Nonce::from(*nonce), &[], buf, &Tag::from(*tag))
             .map_err(|_| AuthenticationFailed)
     }
 }
@@ -132,8 +139,16 @@ mod tests {
         let sealed = buf;
         let mut flipped = buf;
         flipped[3] ^= 1;
+        let tampered = flipped;
         assert_eq!(
             b.open_in_place(&NONCE, &mut flipped, &tag),
+            Err(AuthenticationFailed)
+        );
+        assert_eq!(flipped, tampered, "a failed open changed the buffer");
+        let mut bad_tag = tag;
+        bad_tag[15] ^= 0x80;
+        assert_eq!(
+            b.open_in_place(&NONCE, &mut buf, &bad_tag),
             Err(AuthenticationFailed)
         );
         let mut other_nonce = NONCE;

@@ -20,7 +20,7 @@ pub const ENTRY_HEADER_LEN: usize = 2 * NAME_LEN + 2;
 /// Bytes of the sequence number (with the DF flag in its top bit) of an encrypted datagram.
 pub const SEQ_LEN: usize = 8;
 /// Bytes of the Poly1305 tag of an encrypted datagram.
-pub const TAG_LEN: usize = 16;
+pub const TAG_LEN: usize = weft_cipher::TAG_LEN;
 /// Header bytes before the first frame entry of a plain datagram (the sender name).
 pub const PLAIN_HEADER_LEN: usize = NAME_LEN;
 /// Header bytes before the first frame entry of an encrypted datagram (sender, seq, tag).
