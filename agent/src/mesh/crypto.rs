@@ -175,18 +175,11 @@ impl TcpOpener {
 
     /// The plaintext of the next message. The counter moves on only when it opens.
     pub fn open(&mut self, sealed: &[u8]) -> Result<Vec<u8>, DecryptError> {
-        if sealed.len() < TAG_LEN {
-            return Err(DecryptError);
-        }
+        let (tag, body) = sealed.split_first_chunk::<TAG_LEN>().ok_or(DecryptError)?;
         let nonce = tcp_nonce(self.sender_outbound, self.seq);
-        let (tag, body) = sealed.split_at(TAG_LEN);
         let mut plain = body.to_vec();
         self.cipher
-            .open_in_place(
-                &nonce,
-                &mut plain,
-                tag.try_into().map_err(|_| DecryptError)?,
-            )
+            .open_in_place(&nonce, &mut plain, tag)
             .map_err(|_| DecryptError)?;
         self.seq += 1;
         Ok(plain)
